@@ -1,0 +1,28 @@
+"""Shared fixtures: one local Ray instance per test session (Ray start-up costs seconds)."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+# Tests never download anything and never talk to a remote cluster.
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+
+
+@pytest.fixture(scope="session")
+def ray_local():
+    """A real local Ray instance (2 CPUs, small object store), shared by the whole session."""
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(
+            num_cpus=2,
+            include_dashboard=False,
+            object_store_memory=512 * 1024 * 1024,
+            log_to_driver=True,
+        )
+    yield ray
+    ray.shutdown()
