@@ -1,0 +1,1 @@
+"""Data: sources, decoding, optical flow, Parquet shards and clip sampling."""
