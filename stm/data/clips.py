@@ -1,0 +1,592 @@
+"""Train and test clip sampling from preprocessed videos (one Parquet row per video).
+
+A clip is T temporal chunks of one video. Chunk i is RGB frame ``t_i`` (3 channels) for the
+appearance stream and the stack of L optical-flow frames ``t_i - L/2 .. t_i + L/2 - 1`` for the
+motion stream, with u and v interleaved (2L channels: u_0, v_0, u_1, v_1, ...).
+
+Training (Feichtenhofer, Pinz, Wildes, CVPR 2017, Sec. 4.1): T=5 chunks with one random temporal
+stride in [5, 35] per video and epoch; one crop box and one horizontal flip per video, shared by
+both streams and all chunks, so that the cross-stream gates and the temporal filters see aligned
+inputs. Testing (Sec. 4.2): 25 uniformly spaced chunks, the whole frame and its flip (or the
+10-crop protocol), scored fully convolutionally.
+
+Only the JPEGs a clip needs are decoded; outputs stay uint8 (4x less to ship between Ray workers
+and to the GPU) and become float on the device with :func:`to_model_inputs`.
+
+Everything here is plain numpy / OpenCV / torch: it runs inside Ray Data workers but imports no Ray.
+Randomness comes from an explicit ``numpy.random.Generator``.
+"""
+
+from __future__ import annotations
+
+import logging
+import zlib
+from collections.abc import Mapping, Sequence
+from typing import Any, NamedTuple
+
+import cv2
+import numpy as np
+import torch
+
+from stm.data.shards import FLOW_CENTER, FLOW_U, FLOW_V, LABEL, NUM_FRAMES, RGB, VIDEO_ID
+
+logger = logging.getLogger(__name__)
+
+# --- constants (paper Sec. 4.1 / 4.2 and the ImageNet-pretrained ResNets it starts from) -------
+IMAGENET_MEAN = (0.485, 0.456, 0.406)  # torchvision ImageNet weights expect these (RGB order)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+DEFAULT_STRIDE_RANGE = (5, 35)  # "random temporal stride between 5 and 35 frames" (Sec. 4.1)
+DEFAULT_NUM_CHUNKS = 5  # "we sample 5 inputs from a video" (Sec. 4.1)
+DEFAULT_FLOW_LENGTH = 10  # "optical flow stacks with L = 10 frames" (Sec. 4.1)
+DEFAULT_CROP_SIZE = 224
+DEFAULT_TEST_FRAMES = 25  # "sampling 25 frames (and their horizontal flips)" (Sec. 4.2)
+# Motion-stream crops: "W, H in {256, 224, 192, 168}, followed by resizing to 224x224" (Sec. 4.1);
+# scaled by crop_size / 224 for other crop sizes.
+MULTISCALE_SIZES = (256, 224, 192, 168)
+# Appearance / fused crops: "jitter the width and height of the 224x224 input frame by +-25%".
+JITTER_SCALE = (0.75, 1.25)
+# Crop positions as fractions (fy, fx) of the free room (frame size - crop size) above / left.
+# Jitter: corners, border centres and centre (a 3x3 grid: "crop it from a maximum of 25% distance
+# from the image borders" read as a crop that touches a border or sits midway, see jitter_crop_box).
+JITTER_POSITIONS = tuple((fy, fx) for fy in (0.0, 0.5, 1.0) for fx in (0.0, 0.5, 1.0))
+# Multiscale: "randomly cropping from the borders and centre": the 4 corners and the centre.
+CORNER_CENTRE_POSITIONS = ((0.0, 0.0), (0.0, 1.0), (1.0, 0.0), (1.0, 1.0), (0.5, 0.5))
+
+CROP_MODES = ("jitter", "multiscale")
+TEST_MODES = ("full", "10crop")
+
+
+class CropBox(NamedTuple):
+    """A crop in frame pixel coordinates: rows y .. y+h-1, columns x .. x+w-1."""
+
+    y: int
+    x: int
+    h: int
+    w: int
+
+
+# --- temporal sampling ------------------------------------------------------------------------
+
+
+def sample_chunk_times(
+    num_frames: int,
+    num_chunks: int,
+    stride_range: tuple[int, int] = DEFAULT_STRIDE_RANGE,
+    *,
+    rng: np.random.Generator,
+) -> np.ndarray:
+    """The RGB frame index of each of ``num_chunks`` training chunks.
+
+    One stride s is drawn uniformly from ``stride_range`` (both ends included) and a start uniformly
+    among those that keep all chunks inside the video; chunk i is at ``start + i * s``. When the
+    video is too short for s, s shrinks to the largest stride that fits (at least 1). When even
+    stride 1 does not fit (``num_frames < num_chunks``), the chunks spread over the whole video
+    with repeated frames (``floor(linspace(0, N-1, T))``, non-decreasing) rather than piling the
+    repeats onto the last frame.
+
+    Args:
+        num_frames: N, the number of RGB frames of the video (>= 1).
+        num_chunks: T, the number of chunks (>= 1).
+        stride_range: (low, high) inclusive bounds of the random stride, low >= 1.
+        rng: the source of randomness.
+
+    Returns:
+        int64 array of shape (T,), non-decreasing (strictly increasing when N >= T), in [0, N-1].
+    """
+    lo, hi = int(stride_range[0]), int(stride_range[1])
+    if num_frames < 1 or num_chunks < 1:
+        raise ValueError(
+            f"need num_frames >= 1 and num_chunks >= 1, got {num_frames}, {num_chunks}"
+        )
+    if not 1 <= lo <= hi:
+        raise ValueError(f"stride_range must satisfy 1 <= low <= high, got {stride_range}")
+    stride = int(rng.integers(lo, hi + 1))
+    if num_chunks == 1:
+        return np.array([rng.integers(0, num_frames)], dtype=np.int64)
+    if num_frames < num_chunks:
+        return np.floor(np.linspace(0, num_frames - 1, num_chunks)).astype(np.int64)
+    stride = min(stride, (num_frames - 1) // (num_chunks - 1))  # span (T-1)*s + 1 <= N
+    start = int(rng.integers(0, num_frames - (num_chunks - 1) * stride))
+    return start + stride * np.arange(num_chunks, dtype=np.int64)
+
+
+def flow_stack_indices(t: int, num_flow: int, flow_length: int = DEFAULT_FLOW_LENGTH) -> np.ndarray:
+    """The flow frame indices of the stack around RGB frame t: t - L/2 .. t + L/2 - 1, clamped.
+
+    Flow frame k is the motion from RGB frame k to k+1, so L=10 gives t-5 .. t+4 (the original
+    two-stream convention). Indices outside the video are clamped to [0, num_flow - 1], i.e. the
+    first / last flow frame is repeated.
+
+    Args:
+        t: the RGB frame index of the chunk.
+        num_flow: the number of flow frames of the video (N - 1, >= 1).
+        flow_length: L, the number of flow frames in the stack.
+
+    Returns:
+        int64 array of shape (L,).
+    """
+    if num_flow < 1:
+        raise ValueError(
+            f"a flow stack needs at least one flow frame (a video of >= 2 frames), got {num_flow}"
+        )
+    idx = np.arange(flow_length, dtype=np.int64) + (int(t) - flow_length // 2)
+    return np.clip(idx, 0, num_flow - 1)
+
+
+def test_chunk_times(num_frames: int, num_chunks: int = DEFAULT_TEST_FRAMES) -> np.ndarray:
+    """``num_chunks`` uniformly spaced RGB frame indices over the whole video (Sec. 4.2).
+
+    Returns:
+        int64 array of shape (T,): ``round(linspace(0, N-1, T))``.
+    """
+    if num_frames < 1:
+        raise ValueError(f"need num_frames >= 1, got {num_frames}")
+    return np.round(np.linspace(0, num_frames - 1, num_chunks)).astype(np.int64)
+
+
+# --- spatial crops ----------------------------------------------------------------------------
+
+
+def _place(h: int, w: int, ch: int, cw: int, pos: tuple[float, float]) -> CropBox:
+    """A ch x cw crop (clipped to the h x w frame) at position pos = (fy, fx) of the free room."""
+    ch, cw = min(max(ch, 1), h), min(max(cw, 1), w)
+    y = int(round(pos[0] * (h - ch)))
+    x = int(round(pos[1] * (w - cw)))
+    return CropBox(y, x, ch, cw)
+
+
+def jitter_crop_box(h: int, w: int, crop_size: int, *, rng: np.random.Generator) -> CropBox:
+    """The appearance / fused-model training crop (Sec. 4.1), to be resized to crop_size.
+
+    "We randomly jitter the width and height of the 224x224 input frame by +-25% and also randomly
+    crop it from a maximum of 25% distance from the image borders." The crop width and height are
+    drawn independently and uniformly from [0.75, 1.25] * crop_size (clipped to the frame). The
+    position is one of 9 equally likely places: the 4 corners, the 4 border centres and the centre
+    (fractions {0, 1/2, 1} of the free room on each axis). The paper does not say how the position
+    is drawn; a discrete grid follows the corner/centre style of its motion-stream recipe and of
+    the MatConvNet code it builds on, and keeps every crop flush with a border or centred.
+
+    Args:
+        h, w: the frame size in pixels.
+        crop_size: S, the nominal crop side (224 in the paper).
+        rng: the source of randomness.
+    """
+    ch = int(round(rng.uniform(*JITTER_SCALE) * crop_size))
+    cw = int(round(rng.uniform(*JITTER_SCALE) * crop_size))
+    pos = JITTER_POSITIONS[int(rng.integers(len(JITTER_POSITIONS)))]
+    return _place(h, w, ch, cw, pos)
+
+
+def multiscale_corner_box(h: int, w: int, crop_size: int, *, rng: np.random.Generator) -> CropBox:
+    """The motion-stream training crop (Sec. 4.1), to be resized to crop_size.
+
+    W and H are drawn independently from {256, 224, 192, 168} * crop_size / 224 (clipped to the
+    frame), the position uniformly among the 4 corners and the centre.
+
+    Args:
+        h, w: the frame size in pixels.
+        crop_size: S, the output crop side (224 in the paper).
+        rng: the source of randomness.
+    """
+    sizes = [int(round(s * crop_size / 224)) for s in MULTISCALE_SIZES]
+    ch = sizes[int(rng.integers(len(sizes)))]
+    cw = sizes[int(rng.integers(len(sizes)))]
+    pos = CORNER_CENTRE_POSITIONS[int(rng.integers(len(CORNER_CENTRE_POSITIONS)))]
+    return _place(h, w, ch, cw, pos)
+
+
+_CROP_FNS = {"jitter": jitter_crop_box, "multiscale": multiscale_corner_box}
+
+
+def ten_crop_boxes(h: int, w: int, crop_size: int) -> list[CropBox]:
+    """The 5 crops of the 10-crop protocol: top-left, top-right, bottom-left, bottom-right, centre.
+
+    Crops larger than the frame are clipped to it (and later resized up to crop_size).
+    """
+    return [_place(h, w, crop_size, crop_size, pos) for pos in CORNER_CENTRE_POSITIONS]
+
+
+# --- decoding and per-image transforms --------------------------------------------------------
+
+
+class _FrameCache:
+    """Decodes the JPEGs of one video lazily, each at most once (chunks' flow stacks overlap)."""
+
+    def __init__(self, row: Mapping[str, Any]):
+        self._row = row
+        self._cache: dict[tuple[str, int], np.ndarray] = {}
+
+    def get(self, column: str, index: int) -> np.ndarray:
+        key = (column, int(index))
+        img = self._cache.get(key)
+        if img is None:
+            buf = np.frombuffer(self._row[column][int(index)], dtype=np.uint8)
+            if column == RGB:
+                img = cv2.imdecode(buf, cv2.IMREAD_COLOR)
+                if img is None:
+                    raise ValueError(f"cannot decode {column}[{index}]")
+                img = cv2.cvtColor(img, cv2.COLOR_BGR2RGB)  # (H, W, 3)
+            else:
+                img = cv2.imdecode(buf, cv2.IMREAD_GRAYSCALE)  # (H, W)
+                if img is None:
+                    raise ValueError(f"cannot decode {column}[{index}]")
+            self._cache[key] = img
+        return img
+
+
+def _crop_resize(img: np.ndarray, box: CropBox, out_h: int, out_w: int, flip: bool) -> np.ndarray:
+    """Crop ``box`` from an (H, W[, C]) image, resize it to (out_h, out_w), mirror it if flip."""
+    out = img[box.y : box.y + box.h, box.x : box.x + box.w]
+    if out.shape[0] != out_h or out.shape[1] != out_w:
+        out = cv2.resize(out, (out_w, out_h), interpolation=cv2.INTER_LINEAR)
+    if flip:
+        out = out[:, ::-1]
+    return out
+
+
+def _chunk(
+    frames: _FrameCache,
+    t: int,
+    flow_idx: np.ndarray,
+    box: CropBox,
+    out_h: int,
+    out_w: int,
+    flip: bool,
+) -> tuple[np.ndarray, np.ndarray]:
+    """One chunk: the RGB frame t (3, H', W') and its flow stack (2L, H', W'), cropped alike.
+
+    Flow values are resized as images, not rescaled with the crop's zoom, as in the original code.
+    On a flip, u becomes 255 - u: the mirrored image moves the other way horizontally.
+    """
+    rgb = _crop_resize(frames.get(RGB, t), box, out_h, out_w, flip).transpose(2, 0, 1)  # (3,H',W')
+    flow = np.empty((2 * len(flow_idx), out_h, out_w), dtype=np.uint8)  # (2L, H', W')
+    for k, f in enumerate(flow_idx):
+        u = _crop_resize(frames.get(FLOW_U, f), box, out_h, out_w, flip)
+        flow[2 * k] = 255 - u if flip else u
+        flow[2 * k + 1] = _crop_resize(frames.get(FLOW_V, f), box, out_h, out_w, flip)
+    return rgb, flow
+
+
+def _frame_shape(frames: _FrameCache, t: int) -> tuple[int, int]:
+    """(H, W) of the video, read from RGB frame t that the clip decodes anyway."""
+    h, w = frames.get(RGB, t).shape[:2]
+    return int(h), int(w)
+
+
+# --- clips ------------------------------------------------------------------------------------
+
+
+def train_clip(
+    row: Mapping[str, Any],
+    *,
+    num_chunks: int = DEFAULT_NUM_CHUNKS,
+    flow_length: int = DEFAULT_FLOW_LENGTH,
+    crop_size: int = DEFAULT_CROP_SIZE,
+    stride_range: tuple[int, int] = DEFAULT_STRIDE_RANGE,
+    crop: str = "jitter",
+    flip_prob: float = 0.5,
+    rng: np.random.Generator,
+) -> dict[str, Any]:
+    """One training clip of a video: T chunks, one crop box and one flip for everything.
+
+    Args:
+        row: a shard row (columns from ``stm.data.shards``): rgb, flow_u, flow_v JPEG lists,
+            num_frames and label.
+        num_chunks: T, temporal chunks per video (5 in the paper, up to 11 in Sec. 5.2).
+        flow_length: L, flow frames per stack (10).
+        crop_size: S, the output side (224).
+        stride_range: inclusive bounds of the per-video random temporal stride ((5, 35)).
+        crop: "jitter" (appearance / fused recipe) or "multiscale" (motion-stream recipe).
+        flip_prob: probability of a horizontal flip of the whole clip.
+        rng: the source of randomness.
+
+    Returns:
+        {"rgb": uint8 (T, 3, S, S), "flow": uint8 (T, 2L, S, S) with u, v interleaved,
+        "label": int, and for inspection "times": int64 (T,) the sampled RGB frame indices,
+        "box": the CropBox in frame pixels, "flip": bool}.
+    """
+    if crop not in _CROP_FNS:
+        raise ValueError(f"crop must be one of {sorted(_CROP_FNS)}, got {crop!r}")
+    n = int(row[NUM_FRAMES])
+    frames = _FrameCache(row)
+    times = sample_chunk_times(n, num_chunks, stride_range, rng=rng)  # (T,)
+    h, w = _frame_shape(frames, int(times[0]))
+    box = _CROP_FNS[crop](h, w, crop_size, rng=rng)
+    flip = bool(rng.random() < flip_prob)
+    rgb = np.empty((num_chunks, 3, crop_size, crop_size), dtype=np.uint8)  # (T, 3, S, S)
+    flow = np.empty((num_chunks, 2 * flow_length, crop_size, crop_size), dtype=np.uint8)
+    for i, t in enumerate(times):
+        idx = flow_stack_indices(int(t), n - 1, flow_length)  # (L,)
+        rgb[i], flow[i] = _chunk(frames, int(t), idx, box, crop_size, crop_size, flip)
+    return {
+        "rgb": rgb,
+        "flow": flow,
+        "label": int(row[LABEL]),
+        "times": times,
+        "box": box,
+        "flip": flip,
+    }
+
+
+def test_clip(
+    row: Mapping[str, Any],
+    *,
+    num_frames: int = DEFAULT_TEST_FRAMES,
+    flow_length: int = DEFAULT_FLOW_LENGTH,
+    mode: str = "full",
+    crop_size: int = DEFAULT_CROP_SIZE,
+) -> dict[str, Any]:
+    """The test views of a video (Sec. 4.2): deterministic, no randomness.
+
+    T = ``num_frames`` chunk centres ``round(linspace(0, N-1, T))``. Mode "full" (the paper's
+    fully convolutional testing): V=2 views, the whole frame and its horizontal flip, at the stored
+    resolution. Mode "10crop": V=10, crops of crop_size at top-left, top-right, bottom-left,
+    bottom-right and centre, then the same 5 flipped. Flipped views have u inverted (255 - u).
+
+    Returns:
+        {"rgb": uint8 (V, T, 3, H', W'), "flow": uint8 (V, T, 2L, H', W'), "label": int,
+        "times": int64 (T,)}, with (H', W') = (H, W) for "full" and (S, S) for "10crop".
+    """
+    if mode not in TEST_MODES:
+        raise ValueError(f"mode must be one of {list(TEST_MODES)}, got {mode!r}")
+    n = int(row[NUM_FRAMES])
+    frames = _FrameCache(row)
+    times = test_chunk_times(n, num_frames)  # (T,)
+    h, w = _frame_shape(frames, int(times[0]))
+    if mode == "full":
+        boxes, out_h, out_w = [CropBox(0, 0, h, w)], h, w
+    else:
+        boxes, out_h, out_w = ten_crop_boxes(h, w, crop_size), crop_size, crop_size
+    views = [(box, flip) for flip in (False, True) for box in boxes]
+    rgb = np.empty((len(views), num_frames, 3, out_h, out_w), dtype=np.uint8)  # (V, T, 3, H', W')
+    flow = np.empty((len(views), num_frames, 2 * flow_length, out_h, out_w), dtype=np.uint8)
+    for i, t in enumerate(times):
+        idx = flow_stack_indices(int(t), n - 1, flow_length)  # (L,)
+        for v, (box, flip) in enumerate(views):
+            rgb[v, i], flow[v, i] = _chunk(frames, int(t), idx, box, out_h, out_w, flip)
+    return {"rgb": rgb, "flow": flow, "label": int(row[LABEL]), "times": times}
+
+
+# --- model inputs -----------------------------------------------------------------------------
+
+
+def to_model_inputs(
+    rgb_uint8: torch.Tensor, flow_uint8: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """uint8 clips -> float32 network inputs, on whatever device the tensors live on.
+
+    RGB: ``(x / 255 - mean) / std`` with the ImageNet statistics, per channel (dim -3).
+    Flow: ``x - 128``, centred in uint8 units as in the original code (DESIGN.md).
+
+    Args:
+        rgb_uint8: (..., 3, H, W) uint8.
+        flow_uint8: (..., 2L, H, W) uint8.
+
+    Returns:
+        (rgb float32 of the same shape, flow float32 of the same shape).
+    """
+    if rgb_uint8.shape[-3] != 3:
+        raise ValueError(f"rgb must have 3 channels at dim -3, got shape {tuple(rgb_uint8.shape)}")
+    dev = rgb_uint8.device
+    mean = torch.tensor(IMAGENET_MEAN, dtype=torch.float32, device=dev).view(3, 1, 1)
+    std = torch.tensor(IMAGENET_STD, dtype=torch.float32, device=dev).view(3, 1, 1)
+    rgb = (rgb_uint8.to(torch.float32) / 255.0 - mean) / std
+    flow = flow_uint8.to(torch.float32) - FLOW_CENTER
+    return rgb, flow
+
+
+# --- batch samplers for Ray Data map_batches --------------------------------------------------
+
+
+def _batch_rows(batch: Any) -> list[dict[str, Any]]:
+    """Rows of a map_batches batch: a dict of column arrays ("numpy" format) or a pyarrow Table."""
+    if hasattr(batch, "to_pydict"):  # pyarrow.Table / RecordBatch
+        batch = batch.to_pydict()
+    columns = [c for c in (VIDEO_ID, LABEL, NUM_FRAMES, RGB, FLOW_U, FLOW_V) if c in batch]
+    size = len(batch[LABEL])
+    return [{c: batch[c][i] for c in columns} for i in range(size)]
+
+
+def video_seed(seed: int, epoch: int, video_id: str) -> np.random.SeedSequence:
+    """The seed of one video's augmentation in one epoch: (seed, epoch, crc32(video_id)).
+
+    crc32 is stable across processes and Python versions (unlike ``hash``), so a run is
+    reproducible whichever Ray worker gets which video, in whatever batch.
+    """
+    return np.random.SeedSequence([int(seed), int(epoch), zlib.crc32(str(video_id).encode())])
+
+
+def train_batch(
+    batch: Any,
+    *,
+    epoch: int = 0,
+    seed: int | None = 0,
+    num_chunks: int = DEFAULT_NUM_CHUNKS,
+    flow_length: int = DEFAULT_FLOW_LENGTH,
+    crop_size: int = DEFAULT_CROP_SIZE,
+    stride_range: tuple[int, int] = DEFAULT_STRIDE_RANGE,
+    crop: str = "jitter",
+    flip_prob: float = 0.5,
+) -> dict[str, np.ndarray]:
+    """Training clips of a batch of shard rows (a ``map_batches`` function).
+
+    Randomness: with an integer ``seed``, video v in epoch e uses ``video_seed(seed, e, v)``:
+    reproducible and independent of batching, and different every epoch as long as the caller
+    passes the epoch number (rebuild the per-epoch pipeline with it). With ``seed=None``, every
+    call draws fresh OS entropy (not reproducible).
+
+    Args:
+        batch: dict of column arrays (Ray "numpy" batch format) or a pyarrow Table, with the
+            video_id, label, num_frames, rgb, flow_u and flow_v columns.
+        epoch, seed: see above.
+        The other arguments are those of :func:`train_clip`.
+
+    Returns:
+        {"rgb": uint8 (B, T, 3, S, S), "flow": uint8 (B, T, 2L, S, S), "label": int64 (B,)}.
+    """
+    fresh = np.random.default_rng()  # used only when seed is None
+    clips = []
+    for row in _batch_rows(batch):
+        if seed is None:
+            rng = fresh
+        else:
+            rng = np.random.default_rng(video_seed(seed, epoch, row[VIDEO_ID]))
+        clips.append(
+            train_clip(
+                row,
+                num_chunks=num_chunks,
+                flow_length=flow_length,
+                crop_size=crop_size,
+                stride_range=stride_range,
+                crop=crop,
+                flip_prob=flip_prob,
+                rng=rng,
+            )
+        )
+    return _stack(clips, num_chunks, flow_length, (crop_size, crop_size))
+
+
+def test_batch(
+    batch: Any,
+    *,
+    num_frames: int = DEFAULT_TEST_FRAMES,
+    flow_length: int = DEFAULT_FLOW_LENGTH,
+    mode: str = "full",
+    crop_size: int = DEFAULT_CROP_SIZE,
+) -> dict[str, np.ndarray]:
+    """Test views of a batch of shard rows (a ``map_batches`` function); see :func:`test_clip`.
+
+    In "full" mode the videos of one batch must share a frame size (use batch_size=1 for
+    datasets of mixed aspect ratios, e.g. HMDB51).
+
+    Returns:
+        {"rgb": uint8 (B, V, T, 3, H', W'), "flow": uint8 (B, V, T, 2L, H', W'),
+        "label": int64 (B,)}.
+    """
+    clips = [
+        test_clip(
+            row, num_frames=num_frames, flow_length=flow_length, mode=mode, crop_size=crop_size
+        )
+        for row in _batch_rows(batch)
+    ]
+    shapes = {c["rgb"].shape for c in clips}
+    if len(shapes) > 1:
+        raise ValueError(
+            f"videos of one test batch have different frame sizes {sorted(shapes)}; "
+            "use batch_size=1 or mode='10crop'"
+        )
+    size = clips[0]["rgb"].shape[-2:] if clips else (crop_size, crop_size)
+    return _stack(clips, num_frames, flow_length, size, views=2 if mode == "full" else 10)
+
+
+def _stack(
+    clips: Sequence[dict[str, Any]],
+    num_chunks: int,
+    flow_length: int,
+    size: tuple[int, int],
+    views: int | None = None,
+) -> dict[str, np.ndarray]:
+    """Stack per-video clips into batch arrays (empty batches keep their trailing shape)."""
+    lead = (num_chunks,) if views is None else (views, num_chunks)
+    if not clips:
+        return {
+            "rgb": np.zeros((0, *lead, 3, *size), dtype=np.uint8),
+            "flow": np.zeros((0, *lead, 2 * flow_length, *size), dtype=np.uint8),
+            "label": np.zeros((0,), dtype=np.int64),
+        }
+    return {
+        "rgb": np.stack([c["rgb"] for c in clips]),  # (B, [V,] T, 3, H, W)
+        "flow": np.stack([c["flow"] for c in clips]),  # (B, [V,] T, 2L, H, W)
+        "label": np.array([c["label"] for c in clips], dtype=np.int64),  # (B,)
+    }
+
+
+class TrainClipSampler:
+    """Callable class for ``Dataset.map_batches``: :func:`train_batch` with a fixed config.
+
+    Args:
+        epoch: the epoch number, part of each video's seed (build the per-epoch pipeline with it).
+        seed: base seed; None for fresh, non-reproducible randomness on every call.
+        num_chunks, flow_length, crop_size, stride_range, crop, flip_prob: see :func:`train_clip`.
+    """
+
+    def __init__(
+        self,
+        *,
+        epoch: int = 0,
+        seed: int | None = 0,
+        num_chunks: int = DEFAULT_NUM_CHUNKS,
+        flow_length: int = DEFAULT_FLOW_LENGTH,
+        crop_size: int = DEFAULT_CROP_SIZE,
+        stride_range: tuple[int, int] = DEFAULT_STRIDE_RANGE,
+        crop: str = "jitter",
+        flip_prob: float = 0.5,
+    ):
+        if crop not in _CROP_FNS:
+            raise ValueError(f"crop must be one of {sorted(_CROP_FNS)}, got {crop!r}")
+        self.kwargs = dict(
+            epoch=epoch,
+            seed=seed,
+            num_chunks=num_chunks,
+            flow_length=flow_length,
+            crop_size=crop_size,
+            stride_range=tuple(stride_range),
+            crop=crop,
+            flip_prob=flip_prob,
+        )
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        return train_batch(batch, **self.kwargs)
+
+
+# Their names start with "test": keep pytest from collecting them where a test module imports them.
+test_chunk_times.__test__ = False  # type: ignore[attr-defined]
+test_clip.__test__ = False  # type: ignore[attr-defined]
+test_batch.__test__ = False  # type: ignore[attr-defined]
+
+
+class TestClipSampler:
+    """Callable class for ``Dataset.map_batches``: :func:`test_batch` with a fixed config.
+
+    Args:
+        num_frames, flow_length, mode, crop_size: see :func:`test_clip`.
+    """
+
+    __test__ = False  # not a pytest test class
+
+    def __init__(
+        self,
+        *,
+        num_frames: int = DEFAULT_TEST_FRAMES,
+        flow_length: int = DEFAULT_FLOW_LENGTH,
+        mode: str = "full",
+        crop_size: int = DEFAULT_CROP_SIZE,
+    ):
+        if mode not in TEST_MODES:
+            raise ValueError(f"mode must be one of {list(TEST_MODES)}, got {mode!r}")
+        self.kwargs = dict(
+            num_frames=num_frames, flow_length=flow_length, mode=mode, crop_size=crop_size
+        )
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        return test_batch(batch, **self.kwargs)
