@@ -5,11 +5,29 @@ A preprocessed dataset directory ``OUT`` holds:
 - ``OUT/shards/*.parquet``: one row per successfully processed video (columns below).
 - ``OUT/manifest/*.parquet``: one row per input video: ok or failed, with the reason.
 - ``OUT/classes.json``: the class names, index = 0-based label.
+- ``OUT/dataset.json``: how it was made (source, flow algorithm, short side, splits, counts).
 
 Everything is plain Parquet with JPEG bytes, readable by pyarrow, DuckDB or Spark without stm.
 """
 
 from __future__ import annotations
+
+import json
+import logging
+import os
+import posixpath
+import uuid
+from collections.abc import Sequence
+
+import cv2
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.dataset as pads
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
+
+logger = logging.getLogger(__name__)
 
 # --- shard columns (one row per video) -------------------------------------------------------
 VIDEO_ID = "video_id"  # string, unique within the dataset (relative path without extension)
@@ -33,3 +51,202 @@ SHARD = "shard"  # string, the shard file name (relative to OUT/shards) holding 
 # --- flow quantisation (Feichtenhofer et al.; Simonyan & Zisserman) -------------------------
 FLOW_BOUND = 20.0  # displacements are clipped to +-20 px before quantisation
 FLOW_CENTER = 128.0  # uint8 value of zero motion used to centre the flow input
+
+# --- file layout ------------------------------------------------------------------------------
+SHARDS_DIR = "shards"  # OUT/shards/part-<hash>.parquet
+MANIFEST_DIR = "manifest"  # OUT/manifest/part-<hash>.parquet (same name as its shard file)
+CLASSES_FILE = "classes.json"  # ["ClassA", "ClassB", ...], index = label
+DATASET_FILE = "dataset.json"  # source, flow algorithm, short side, number of splits, counts
+TMP_PREFIX = ".tmp-"  # in-flight files; every Parquet reader skips names that start with "."
+JPEG_QUALITY = 90  # cv2.imencode quality for RGB frames and flow u/v images
+
+STATUS_OK = "ok"
+STATUS_FAILED = "failed"
+
+
+# --- Arrow schemas ----------------------------------------------------------------------------
+SHARD_SCHEMA = pa.schema(
+    [
+        pa.field(VIDEO_ID, pa.string(), nullable=False),
+        pa.field(LABEL, pa.int32(), nullable=False),
+        pa.field(CLASS_NAME, pa.string(), nullable=False),
+        pa.field(NUM_FRAMES, pa.int32(), nullable=False),
+        pa.field(FPS, pa.float32(), nullable=False),
+        pa.field(HEIGHT, pa.int32(), nullable=False),
+        pa.field(WIDTH, pa.int32(), nullable=False),
+        pa.field(RGB, pa.list_(pa.binary()), nullable=False),
+        pa.field(FLOW_U, pa.list_(pa.binary()), nullable=False),
+        pa.field(FLOW_V, pa.list_(pa.binary()), nullable=False),
+        pa.field(TRAIN_SPLITS, pa.list_(pa.int8()), nullable=False),
+        pa.field(TEST_SPLITS, pa.list_(pa.int8()), nullable=False),
+    ]
+)
+
+MANIFEST_SCHEMA = pa.schema(
+    [
+        pa.field(VIDEO_ID, pa.string(), nullable=False),
+        pa.field(STATUS, pa.string(), nullable=False),
+        pa.field(ERROR, pa.string(), nullable=False),
+        pa.field(SHARD, pa.string(), nullable=False),
+    ]
+)
+
+
+# --- JPEG -------------------------------------------------------------------------------------
+def encode_jpeg(image: np.ndarray, quality: int = JPEG_QUALITY) -> bytes:
+    """Encode an RGB (H, W, 3) or grayscale (H, W) uint8 image as JPEG bytes."""
+    if image.ndim == 3:
+        image = cv2.cvtColor(image, cv2.COLOR_RGB2BGR)  # OpenCV writes BGR
+    ok, buf = cv2.imencode(".jpg", image, [cv2.IMWRITE_JPEG_QUALITY, int(quality)])
+    if not ok:
+        raise ValueError(f"JPEG encoding failed for an image of shape {image.shape}")
+    return buf.tobytes()
+
+
+def decode_jpeg(data: bytes, gray: bool = False) -> np.ndarray:
+    """Decode JPEG bytes to RGB (H, W, 3) uint8, or to (H, W) uint8 when ``gray``."""
+    buf = np.frombuffer(data, dtype=np.uint8)
+    if gray:
+        image = cv2.imdecode(buf, cv2.IMREAD_GRAYSCALE)
+    else:
+        image = cv2.imdecode(buf, cv2.IMREAD_COLOR)
+    if image is None:
+        raise ValueError("not a decodable JPEG")
+    return image if gray else cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
+
+
+# --- storage: local paths or URIs (s3://, gs://, file://) through pyarrow filesystems ---------
+def resolve(uri: str) -> tuple[pafs.FileSystem, str]:
+    """The pyarrow filesystem and the path inside it for a local path or a URI."""
+    if "://" not in uri:
+        uri = os.path.abspath(uri)
+    return pafs.FileSystem.from_uri(uri)
+
+
+def join(uri: str, *parts: str) -> str:
+    """Join a local path or a URI with relative parts ('/'-separated for URIs)."""
+    if "://" in uri:
+        return posixpath.join(uri, *parts)
+    return os.path.join(uri, *parts)
+
+
+def is_object_store(fs: pafs.FileSystem) -> bool:
+    """Object stores publish an upload in one step; other filesystems need temp + rename."""
+    return fs.type_name in ("s3", "gcs", "abfs")
+
+
+def write_bytes_atomic(fs: pafs.FileSystem, path: str, data: bytes) -> None:
+    """Write ``data`` to ``path`` so that readers see either nothing/the old file or all of it."""
+    fs.create_dir(posixpath.dirname(path), recursive=True)
+    if is_object_store(fs):  # an object appears only once its upload completes
+        with fs.open_output_stream(path) as f:
+            f.write(data)
+        return
+    tmp = _tmp_path(path)
+    try:
+        with fs.open_output_stream(tmp) as f:
+            f.write(data)
+        fs.move(tmp, path)  # rename(2): atomic on POSIX, replaces an existing file
+    finally:
+        if fs.get_file_info(tmp).type != pafs.FileType.NotFound:
+            fs.delete_file(tmp)
+
+
+def write_table_atomic(fs: pafs.FileSystem, path: str, table: pa.Table) -> None:
+    """Write a Parquet file atomically (see ``write_bytes_atomic``).
+
+    Each video gets its own row group, so a reader can fetch one video without the others.
+    """
+    sink = pa.BufferOutputStream()
+    pq.write_table(table, sink, row_group_size=1, compression="zstd")
+    write_bytes_atomic(fs, path, sink.getvalue().to_pybytes())
+
+
+def write_json_atomic(fs: pafs.FileSystem, path: str, obj: object) -> None:
+    """Write ``obj`` as indented JSON, atomically."""
+    write_bytes_atomic(fs, path, (json.dumps(obj, indent=2) + "\n").encode())
+
+
+def read_json(fs: pafs.FileSystem, path: str) -> object | None:
+    """Read a JSON file, or None when it does not exist."""
+    if fs.get_file_info(path).type == pafs.FileType.NotFound:
+        return None
+    with fs.open_input_stream(path) as f:
+        return json.loads(f.read().decode())
+
+
+def _tmp_path(path: str) -> str:
+    head, name = posixpath.split(path)
+    return posixpath.join(head, f"{TMP_PREFIX}{uuid.uuid4().hex}-{name}")
+
+
+def list_parquet(fs: pafs.FileSystem, directory: str) -> list[str]:
+    """The finished Parquet files of a directory (in-flight temp files are skipped), sorted."""
+    if fs.get_file_info(directory).type == pafs.FileType.NotFound:
+        return []
+    infos = fs.get_file_info(pafs.FileSelector(directory, recursive=False))
+    return sorted(
+        i.path
+        for i in infos
+        if i.type == pafs.FileType.File
+        and i.base_name.endswith(".parquet")
+        and not i.base_name.startswith((".", "_"))
+    )
+
+
+# --- readers ----------------------------------------------------------------------------------
+def shards_dataset(out: str) -> pads.Dataset:
+    """The shards of a preprocessed dataset ``out`` as a pyarrow dataset (one row per video)."""
+    fs, root = resolve(out)
+    return pads.dataset(
+        list_parquet(fs, posixpath.join(root, SHARDS_DIR)),
+        schema=SHARD_SCHEMA,
+        filesystem=fs,
+        format="parquet",
+    )
+
+
+def read_manifest(out: str) -> pa.Table:
+    """The manifest of ``out``: one row per input video (video_id, status, error, shard)."""
+    fs, root = resolve(out)
+    files = list_parquet(fs, posixpath.join(root, MANIFEST_DIR))
+    if not files:
+        return MANIFEST_SCHEMA.empty_table()
+    return pads.dataset(files, schema=MANIFEST_SCHEMA, filesystem=fs, format="parquet").to_table()
+
+
+def read_classes(out: str) -> list[str]:
+    """The class names of ``out`` (index = label)."""
+    fs, root = resolve(out)
+    classes = read_json(fs, posixpath.join(root, CLASSES_FILE))
+    if classes is None:
+        raise FileNotFoundError(f"{join(out, CLASSES_FILE)} does not exist")
+    return list(classes)
+
+
+def read_dataset_info(out: str) -> dict:
+    """The description of ``out`` written by the preprocessing job (``dataset.json``)."""
+    fs, root = resolve(out)
+    info = read_json(fs, posixpath.join(root, DATASET_FILE))
+    if info is None:
+        raise FileNotFoundError(f"{join(out, DATASET_FILE)} does not exist")
+    return dict(info)
+
+
+def in_split(table: pa.Table, split: int, train: bool) -> np.ndarray:
+    """A boolean mask over ``table``'s rows: the videos that train (or test) on ``split`` (1-based).
+
+    ``table`` needs the ``train_splits`` / ``test_splits`` column, e.g.
+    ``t = shards_dataset(out).to_table(columns=[VIDEO_ID, TRAIN_SPLITS])``.
+    """
+    column = table.column(TRAIN_SPLITS if train else TEST_SPLITS).combine_chunks()
+    parents = pc.list_parent_indices(column).to_numpy()
+    values = pc.list_flatten(column).to_numpy()
+    mask = np.zeros(table.num_rows, dtype=bool)
+    mask[parents[values == split]] = True
+    return mask
+
+
+def shard_rows(rows: Sequence[dict]) -> pa.Table:
+    """Build a shard table (``SHARD_SCHEMA``) from row dicts."""
+    return pa.Table.from_pylist(list(rows), schema=SHARD_SCHEMA)
