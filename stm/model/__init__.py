@@ -1,0 +1,14 @@
+"""The Spatiotemporal Multiplier Network in plain PyTorch (no Ray here)."""
+
+from stm.config import ModelConfig
+from stm.model.imagenet import load_imagenet
+from stm.model.two_stream import StreamScores, TwoStreamNet, build_model, fuse_scores
+
+__all__ = [
+    "ModelConfig",
+    "StreamScores",
+    "TwoStreamNet",
+    "build_model",
+    "fuse_scores",
+    "load_imagenet",
+]

@@ -1,0 +1,233 @@
+"""The multiplier network's real properties, on tiny inputs (ResNet-18 streams, 64x64, T=4)."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torchvision import models
+
+from stm.model import ModelConfig, build_model, fuse_scores, load_imagenet
+from stm.model.fusion import CrossStreamFusion, TemporalFilter
+from stm.model.imagenet import weight_file_names
+
+B, T, L, K, S = 2, 4, 2, 5, 64
+TINY = ModelConfig(
+    num_classes=K,
+    appearance_arch="resnet18",
+    motion_arch="resnet18",
+    flow_length=L,
+    fusion="none",
+    temporal="none",
+    time_pool="avg",
+    motion_dropout=0.0,
+)
+CONNECTIONS = ["direct_add", "direct_mul", "residual_add", "residual_mul"]
+
+
+def tiny(**kw) -> torch.nn.Module:
+    torch.manual_seed(0)
+    return build_model(dataclasses.replace(TINY, **kw)).eval()
+
+
+def inputs(seed: int = 0, size: int = S) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    rgb = torch.randn(B, T, 3, size, size, generator=g)
+    flow = torch.randn(B, T, 2 * L, size, size, generator=g)
+    return rgb, flow
+
+
+def depends(model, which: str) -> dict[str, bool]:
+    """Whether each stream's scores change when only ``which`` input changes."""
+    rgb, flow = inputs(0)
+    rgb2, flow2 = inputs(1)
+    with torch.no_grad():
+        a = model(rgb, flow)
+        b = model(rgb2, flow) if which == "rgb" else model(rgb, flow2)
+    return {
+        "appearance": not torch.allclose(a.appearance, b.appearance, atol=1e-6),
+        "motion": not torch.allclose(a.motion, b.motion, atol=1e-6),
+    }
+
+
+def test_unconnected_streams_are_independent():
+    model = tiny()
+    assert depends(model, "rgb") == {"appearance": True, "motion": False}
+    assert depends(model, "flow") == {"appearance": False, "motion": True}
+
+
+@pytest.mark.parametrize("fusion", CONNECTIONS)
+@pytest.mark.parametrize("direction", ["m2a", "a2m", "bi"])
+def test_connection_carries_information_only_along_its_arrow(fusion, direction):
+    model = tiny(fusion=fusion, direction=direction)
+    into_app = direction in ("m2a", "bi")
+    into_mot = direction in ("a2m", "bi")
+    assert depends(model, "flow") == {"appearance": into_app, "motion": True}
+    assert depends(model, "rgb") == {"appearance": True, "motion": into_mot}
+
+
+def test_gate_is_eq5_residual_branch_gated_shortcut_not():
+    x, y = torch.randn(2, 8, 4, 4), torch.randn(2, 8, 4, 4)
+    branch, shortcut = CrossStreamFusion("residual_mul")(x, y)
+    torch.testing.assert_close(branch, x * F.relu(y))  # pre-ReLU x_a times f(x_m)
+    torch.testing.assert_close(shortcut, F.relu(x))  # identity shortcut keeps f(x_a), ungated
+    branch, shortcut = CrossStreamFusion("residual_add")(x, y)
+    torch.testing.assert_close(branch, x + F.relu(y))  # eq. 2
+    branch, shortcut = CrossStreamFusion("direct_mul")(x, y)
+    torch.testing.assert_close(branch, F.relu(x))
+    torch.testing.assert_close(shortcut, F.relu(x) * F.relu(y))  # into the shortcut path
+
+
+def test_multiplicative_gate_sends_appearance_gradient_into_motion_stream():
+    model = tiny(fusion="residual_mul", direction="m2a")
+    rgb, flow = inputs()
+    out = model(rgb, flow)
+    out.appearance.logsumexp(-1).sum().backward()  # the appearance loss only (eq. 6-7)
+    m = model.motion
+    assert m.conv1.weight.grad.abs().sum() > 0
+    assert m.layer4[0].conv1.weight.grad.abs().sum() > 0
+    # Motion units after the last gate and its classifier do not feed appearance.
+    assert m.layer4[1].conv1.weight.grad is None
+    assert m.fc.weight.grad is None
+
+
+@pytest.mark.parametrize("temporal", ["residual_all", "residual_last", "skip_all"])
+@pytest.mark.parametrize("time_pool", ["max", "avg"])
+def test_centre_initialised_temporal_filters_leave_output_unchanged(temporal, time_pool):
+    base = tiny(fusion="residual_mul", time_pool=time_pool)
+    model = tiny(fusion="residual_mul", time_pool=time_pool, temporal=temporal)
+    missing, unexpected = model.load_state_dict(base.state_dict(), strict=False)
+    assert not unexpected and missing and all(k.startswith("temporal.") for k in missing)
+    rgb, flow = inputs()
+    with torch.no_grad():
+        a, b = base(rgb, flow), model(rgb, flow)
+    torch.testing.assert_close(a.appearance, b.appearance, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(a.motion, b.motion, rtol=1e-4, atol=1e-5)
+    # ...while averaging filters do mix the chunks.
+    avg = tiny(fusion="residual_mul", time_pool=time_pool, temporal=temporal, temporal_init="avg")
+    avg.load_state_dict(base.state_dict(), strict=False)
+    with torch.no_grad():
+        assert not torch.allclose(avg(rgb, flow).appearance, a.appearance, atol=1e-4)
+
+
+def test_temporal_filter_is_identity_times_filter():
+    x = torch.randn(2 * 3, 4, 2, 2)  # (B*T, C, H, W), T = 3
+    torch.testing.assert_close(TemporalFilter(4, "center")(x, 3), x)
+    y = TemporalFilter(4, "avg")(x, 3).reshape(2, 3, 4, 2, 2)
+    v = x.reshape(2, 3, 4, 2, 2)
+    torch.testing.assert_close(y[:, 1], v.mean(1))  # the middle chunk sees all three
+    torch.testing.assert_close(y[:, 0], (v[:, 0] + v[:, 1]) / 3)  # zero padding at the ends
+    assert TemporalFilter(4).conv.bias.abs().sum() == 0
+
+
+@pytest.mark.parametrize("direction,temporal", [("bi", "residual_all"), ("m2a", "skip_all")])
+def test_every_parameter_receives_a_gradient(direction, temporal):
+    model = tiny(
+        fusion="residual_mul", direction=direction, temporal=temporal, time_pool="max"
+    ).train()
+    rgb, flow = inputs()
+    out = model(rgb, flow)
+    labels = torch.tensor([1, 3])
+    (F.cross_entropy(out.appearance, labels) + F.cross_entropy(out.motion, labels)).backward()
+    no_grad = [n for n, p in model.named_parameters() if p.grad is None or p.grad.abs().sum() == 0]
+    assert no_grad == []
+
+
+def test_paper_final_model_builds_and_runs():
+    cfg = ModelConfig()  # ResNet-50 appearance, ResNet-152 motion, the paper's final choices
+    assert (cfg.appearance_arch, cfg.motion_arch, cfg.fusion, cfg.direction) == (
+        "resnet50",
+        "resnet152",
+        "residual_mul",
+        "m2a",
+    )
+    model = build_model(cfg).eval()
+    assert model.motion.conv1.in_channels == 20
+    n = sum(p.numel() for p in model.parameters())
+    assert 80e6 < n < 120e6  # 25.5M + 58.2M backbones + temporal filters
+    with torch.no_grad():
+        out = model(torch.randn(1, 2, 3, 64, 64), torch.randn(1, 2, 20, 64, 64))
+    assert out.appearance.shape == out.motion.shape == (1, 101)
+
+
+def test_fully_convolutional_on_full_frames_and_single_stream():
+    model = tiny(temporal="residual_all", time_pool="max")
+    rgb, flow = inputs(size=S)
+    with torch.no_grad():
+        out = model(torch.randn(B, T, 3, 72, 96), torch.randn(B, T, 2 * L, 72, 96))
+        assert out.appearance.shape == (B, K)
+        alone = model(rgb, None)  # the appearance-stage forward
+    assert alone.motion is None and alone.appearance.shape == (B, K)
+    with pytest.raises(ValueError, match="needs both"):
+        tiny(fusion="residual_mul")(rgb, None)
+
+
+def test_fuse_scores_averages_stream_probabilities():
+    model = tiny(fusion="residual_mul")
+    rgb, flow = inputs()
+    with torch.no_grad():
+        out = model(rgb, flow)
+        fused = model.predict(rgb, flow)
+    expected = (out.appearance.softmax(-1) + out.motion.softmax(-1)) / 2
+    torch.testing.assert_close(fused, expected)
+    torch.testing.assert_close(fuse_scores(out).sum(-1), torch.ones(B))
+
+
+@pytest.mark.parametrize(
+    "field,value",
+    [
+        ("fusion", "concat"),
+        ("direction", "m2m"),
+        ("temporal", "everywhere"),
+        ("temporal_init", "random"),
+        ("time_pool", "min"),
+        ("motion_arch", "vgg16"),
+    ],
+)
+def test_invalid_values_are_one_line_errors_listing_valid_ones(field, value):
+    with pytest.raises(ValueError) as err:
+        dataclasses.replace(TINY, **{field: value})
+    msg = str(err.value)
+    assert "\n" not in msg and value in msg and "choose one of" in msg
+
+
+def test_fusion_needs_matching_widths():
+    with pytest.raises(ValueError, match="equal widths"):
+        build_model(dataclasses.replace(TINY, motion_arch="resnet50", fusion="residual_mul"))
+
+
+def test_torchvision_state_dict_loads_with_only_injected_layers_left_out():
+    model = tiny(fusion="residual_mul", temporal="residual_all")
+    tv = models.resnet18(weights=None).state_dict()
+    tv = {k: v for k, v in tv.items() if not k.startswith("fc.")}
+    missing, unexpected = model.appearance.load_state_dict(tv, strict=False)
+    assert unexpected == [] and set(missing) == {"fc.weight", "fc.bias"}
+    names = {k for k in model.state_dict() if k.startswith("appearance.")}
+    assert {f"appearance.{k}" for k in tv} <= names
+
+
+def test_imagenet_init_from_local_file(tmp_path):
+    torch.manual_seed(1)
+    ref = models.resnet18(weights=None).state_dict()
+    torch.save(ref, tmp_path / weight_file_names("resnet18")[0])
+    model = tiny(fusion="residual_mul", temporal="residual_all")
+    load_imagenet(model, "resnet18", "resnet18", weights_dir=tmp_path)
+    torch.testing.assert_close(model.appearance.conv1.weight, ref["conv1.weight"])
+    torch.testing.assert_close(
+        model.appearance.layer3[1].conv2.weight, ref["layer3.1.conv2.weight"]
+    )
+    # Motion conv1: the RGB filters averaged and replicated over the 2L flow channels.
+    expected = ref["conv1.weight"].mean(1, keepdim=True).repeat(1, 2 * L, 1, 1)
+    torch.testing.assert_close(model.motion.conv1.weight, expected)
+    torch.testing.assert_close(
+        model.motion.layer1[0].bn1.running_var, ref["layer1.0.bn1.running_var"]
+    )
+
+
+def test_missing_imagenet_file_is_one_clear_line(tmp_path, monkeypatch):
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    with pytest.raises(FileNotFoundError) as err:
+        load_imagenet(tiny(), "resnet18", "resnet18", weights_dir=tmp_path)
+    assert "\n" not in str(err.value) and "resnet18-" in str(err.value)
