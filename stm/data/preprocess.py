@@ -1,0 +1,597 @@
+"""Videos to training shards on Ray Data: decode, optical flow, JPEG, Parquet; resumable.
+
+The driver lists the input videos, works out what earlier runs already finished, cuts the rest
+into groups of ``videos_per_shard`` and streams the groups through a pool of flow actors (one CPU
+and one OpenCV thread each, so N cores work on N videos). Each actor decodes its group's videos,
+computes flow, encodes JPEGs and writes the group's shard file and then its manifest part straight
+to ``OUT`` (local disk or ``s3://...`` through pyarrow), each atomically and under a name derived
+from the group's video ids. The driver only sees one small result row per video.
+
+Resume: a video is done when a shard holds it (ok) or a manifest part says it failed. On start the
+driver deletes temp leftovers, sets unreadable files aside, removes duplicates and repairs the
+manifest from the shards (a kill between a shard and its manifest part loses nothing); then only
+the videos not done are processed. Killing the driver or a worker at any moment is safe: Ray
+retries a lost group on another actor (same file names), and a rerun picks up where it stopped.
+One job per ``OUT`` at a time.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import posixpath
+import shutil
+import tempfile
+import time
+import warnings
+from collections.abc import Iterator, Sequence
+from dataclasses import asdict, dataclass, field
+
+import cv2
+import pyarrow as pa
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
+
+from stm.data import shards as S
+from stm.data.decode import DecodeError, VideoReader
+from stm.data.flow import FLOW_ESTIMATORS, make_estimator, quantize_flow
+from stm.data.sources import (
+    SOURCES,
+    SYNTHETIC_HEIGHT,
+    SYNTHETIC_NUM_FRAMES,
+    SYNTHETIC_NUM_VIDEOS,
+    SYNTHETIC_WIDTH,
+    Listing,
+    UsageError,
+    VideoItem,
+    generate_synthetic,
+    list_videos,
+)
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["PreprocessConfig", "PreprocessSummary", "UsageError", "process_video", "run_preprocess"]
+
+DEFAULT_SHORT_SIDE = 256  # the paper's frame size for flow and for the stored frames
+MAX_BLOCKS = 1000  # cap on Ray Data blocks (each block holds one or more groups)
+MAX_TASK_RETRIES = 3  # a killed actor is restarted and its group retried, 3 times at most
+LOST_REASON = f"no result: its group failed {MAX_TASK_RETRIES + 1} times (see the Ray logs)"
+
+
+@dataclass(frozen=True)
+class PreprocessConfig:
+    """What ``run_preprocess`` does; ``jobs/preprocess.py`` builds it from the command line."""
+
+    source: str = "synthetic"  # ucf101 | hmdb51 | folder | synthetic
+    root: str | None = None  # the videos; synthetic: where to write them (default OUT/videos)
+    splits: str | None = None  # the split-file folder (ucf101, hmdb51); default: root
+    out: str = ""  # output folder or URI (s3://bucket/prefix); required
+    flow: str = "tvl1"  # a key of stm.data.flow.FLOW_ESTIMATORS
+    short_side: int | None = None  # resize so min(H, W) = this; None: 256, synthetic: native
+    max_frames: int | None = None  # keep at most the first N frames of a video; None: all
+    max_failures: float = 0.01  # the job fails (exit 1) when more videos than this fail
+    num_videos: int = SYNTHETIC_NUM_VIDEOS  # synthetic only
+    seed: int = 0  # synthetic only
+    synthetic_width: int = SYNTHETIC_WIDTH  # synthetic only
+    synthetic_height: int = SYNTHETIC_HEIGHT  # synthetic only
+    synthetic_frames: int = SYNTHETIC_NUM_FRAMES  # synthetic only
+    num_workers: int | None = None  # flow actors (1 CPU each); None: every CPU of the cluster
+    videos_per_shard: int = 8  # videos per task and per shard file (also the resume granularity)
+    retry_failed: bool = False  # process videos that failed in an earlier run again
+    jpeg_quality: int = S.JPEG_QUALITY
+
+    def resolved_short_side(self) -> int | None:
+        """The short side actually used (None: frames keep their size)."""
+        if self.short_side is not None:
+            return self.short_side
+        return None if self.source == "synthetic" else DEFAULT_SHORT_SIDE
+
+
+@dataclass
+class PreprocessSummary:
+    """The outcome of a run. Counts cover every listed video, including earlier runs' work."""
+
+    total: int  # videos listed by the source
+    ok: int
+    failed: int
+    skipped: int  # already done (ok or failed) before this run
+    processed: int  # videos this run worked on
+    frames: int  # RGB frames decoded by this run
+    seconds: float  # wall time of this run
+    pipeline_seconds: float  # of which the Ray Data pipeline (actor start-up included)
+    out: str
+    shards: str  # OUT/shards
+    manifest: str  # OUT/manifest
+    failures: list[tuple[str, str]] = field(default_factory=list)  # (video_id, reason), first 20
+    max_failures: float = 0.01
+
+    @property
+    def failed_fraction(self) -> float:
+        return self.failed / self.total if self.total else 0.0
+
+    @property
+    def passed(self) -> bool:
+        """Whether the failed fraction is within ``max_failures`` (the job's exit status)."""
+        return self.failed_fraction <= self.max_failures
+
+    def line(self) -> str:
+        """The one-line summary the job prints."""
+        rate = self.frames / self.pipeline_seconds if self.pipeline_seconds > 0 else 0.0
+        text = (
+            f"videos ok {self.ok}, failed {self.failed} of {self.total} "
+            f"({100 * self.failed_fraction:.1f}%, limit {100 * self.max_failures:.1f}%); "
+            f"this run: {self.processed} videos, {self.frames} frames, {rate:.1f} frames/s "
+            f"({self.pipeline_seconds:.1f} s of pipeline, {self.seconds:.1f} s in all), "
+            f"{self.skipped} already done; shards: {self.shards}"
+        )
+        if self.failed:
+            text += f"; failures: {self.manifest} (status = 'failed')"
+        return text
+
+
+# --- per video (plain Python: runs inside the flow actors, and in tests and benchmarks) ------
+def process_video(
+    item: dict,
+    estimator,
+    short_side: int | None,
+    max_frames: int | None = None,
+    jpeg_quality: int = S.JPEG_QUALITY,
+) -> dict:
+    """Decode one video, compute flow between consecutive frames, return its shard row.
+
+    ``item`` is a ``VideoItem`` as a dict. Frames stream through: only JPEG bytes are kept.
+    Raises ``DecodeError`` (or anything OpenCV raises) for a video that cannot be processed.
+    """
+    if item["missing"]:
+        raise DecodeError(item["missing"])
+    rgb, flow_u, flow_v = [], [], []
+    prev = None
+    with VideoReader(item["path"]) as video:
+        for frame in video.frames(short_side, max_frames):  # (H, W, 3) RGB
+            rgb.append(S.encode_jpeg(frame, jpeg_quality))
+            gray = cv2.cvtColor(frame, cv2.COLOR_RGB2GRAY)
+            if prev is not None:
+                u, v = quantize_flow(estimator(prev, gray))  # flow k: frame k -> k + 1
+                flow_u.append(S.encode_jpeg(u, jpeg_quality))
+                flow_v.append(S.encode_jpeg(v, jpeg_quality))
+            prev = gray
+        fps = video.fps
+    if len(rgb) < 2:
+        raise DecodeError(f"only {len(rgb)} frame: flow needs at least 2")
+    return {
+        S.VIDEO_ID: item["video_id"],
+        S.LABEL: item["label"],
+        S.CLASS_NAME: item["class_name"],
+        S.NUM_FRAMES: len(rgb),
+        S.FPS: fps,
+        S.HEIGHT: prev.shape[0],
+        S.WIDTH: prev.shape[1],
+        S.RGB: rgb,
+        S.FLOW_U: flow_u,
+        S.FLOW_V: flow_v,
+        S.TRAIN_SPLITS: list(item["train_splits"]),
+        S.TEST_SPLITS: list(item["test_splits"]),
+    }
+
+
+def _one_line(e: BaseException) -> str:
+    text = " ".join(str(e).split())
+    return text if isinstance(e, DecodeError) else f"{type(e).__name__}: {text}"[:500]
+
+
+class GroupWorker:
+    """A flow actor: one estimator, one OpenCV thread; processes and writes one group per call."""
+
+    def __init__(
+        self,
+        out: str,
+        flow: str,
+        short_side: int | None,
+        max_frames: int | None,
+        jpeg_quality: int,
+    ) -> None:
+        cv2.setNumThreads(1)
+        self.estimator = make_estimator(flow)
+        self.fs, self.root = S.resolve(out)
+        self.short_side, self.max_frames, self.jpeg_quality = short_side, max_frames, jpeg_quality
+
+    def __call__(self, group: dict) -> list[dict]:
+        return process_group(
+            self.fs,
+            self.root,
+            group["name"],
+            json.loads(group["videos"]),
+            self.estimator,
+            self.short_side,
+            self.max_frames,
+            self.jpeg_quality,
+        )
+
+
+def process_group(
+    fs: pafs.FileSystem,
+    root: str,
+    name: str,
+    videos: Sequence[dict],
+    estimator,
+    short_side: int | None,
+    max_frames: int | None,
+    jpeg_quality: int,
+) -> list[dict]:
+    """Process a group of videos; write its shard file, then its manifest part; return results.
+
+    Per-video errors become failed rows (a failing video never fails the group).
+    """
+    rows, results = [], []
+    for item in videos:
+        start = time.perf_counter()
+        try:
+            rows.append(process_video(item, estimator, short_side, max_frames, jpeg_quality))
+            status, error, frames = S.STATUS_OK, "", rows[-1][S.NUM_FRAMES]
+        except Exception as e:  # noqa: BLE001 - any per-video error is recorded, not raised
+            status, error, frames = S.STATUS_FAILED, _one_line(e), 0
+            logger.warning("%s failed: %s", item["video_id"], error)
+        results.append(
+            {
+                S.VIDEO_ID: item["video_id"],
+                S.STATUS: status,
+                S.ERROR: error,
+                S.SHARD: name if status == S.STATUS_OK else "",
+                "num_frames": frames,
+                "seconds": time.perf_counter() - start,
+            }
+        )
+    if rows:
+        S.write_table_atomic(fs, posixpath.join(root, S.SHARDS_DIR, name), S.shard_rows(rows))
+    _write_manifest(fs, root, name, results)
+    return results
+
+
+def _write_manifest(fs: pafs.FileSystem, root: str, name: str, rows: Sequence[dict]) -> None:
+    table = pa.Table.from_pylist(
+        [{k: r[k] for k in S.MANIFEST_SCHEMA.names} for r in rows], schema=S.MANIFEST_SCHEMA
+    )
+    S.write_table_atomic(fs, posixpath.join(root, S.MANIFEST_DIR, name), table)
+
+
+def group_name(video_ids: Sequence[str], prefix: str = "part") -> str:
+    """A file name determined by the group's videos: a retried group overwrites its own files."""
+    digest = hashlib.sha1("\n".join(sorted(video_ids)).encode()).hexdigest()[:20]
+    return f"{prefix}-{digest}.parquet"
+
+
+# --- driver ------------------------------------------------------------------------------------
+def run_preprocess(cfg: PreprocessConfig) -> PreprocessSummary:
+    """Preprocess ``cfg.source`` into ``cfg.out``; resume whatever an earlier run left.
+
+    Uses the Ray instance that is already initialised, or starts a local one. Starts nothing when
+    every video is already done. Raises ``UsageError`` for bad arguments or inputs.
+    """
+    start = time.perf_counter()
+    _validate(cfg)
+    fs, root = S.resolve(cfg.out)
+    listing = _listing(cfg)
+    _check_and_write_metadata(fs, root, cfg, listing)
+
+    shard_of = _repair(fs, root)  # video_id -> shard file name
+    manifest = _manifest_status(fs, root)  # video_id -> (status, error)
+    failed_before = {v for v, (status, _) in manifest.items() if status == S.STATUS_FAILED}
+    retry = failed_before if cfg.retry_failed else set()
+    if retry:
+        _rewrite_manifest(fs, root, shard_of, drop=retry)
+    done = set(shard_of) | (failed_before - retry)
+    todo = [it for it in listing.items if it.video_id not in done]
+    skipped = len(listing.items) - len(todo)
+    logger.info(
+        "%d videos listed, %d already done, %d to do", len(listing.items), skipped, len(todo)
+    )
+
+    missing = [it for it in todo if it.missing]
+    if missing:  # no worker needed to know these fail
+        _write_manifest(
+            fs,
+            root,
+            group_name([it.video_id for it in missing], "missing"),
+            [_failed_row(it.video_id, it.missing) for it in missing],
+        )
+    todo = [it for it in todo if not it.missing]
+    frames, pipeline_seconds = 0, 0.0
+    if todo:
+        frames, pipeline_seconds = _run_pipeline(cfg, fs, root, todo)
+        _repair(fs, root)
+
+    summary = _summarise(fs, root, cfg, listing, skipped, len(todo) + len(missing), start)
+    summary.frames, summary.pipeline_seconds = frames, pipeline_seconds
+    info = S.read_json(fs, posixpath.join(root, S.DATASET_FILE)) or {}
+    info["counts"] = {"videos": summary.total, "ok": summary.ok, "failed": summary.failed}
+    S.write_json_atomic(fs, posixpath.join(root, S.DATASET_FILE), info)
+    logger.info("%s", summary.line())
+    return summary
+
+
+def _validate(cfg: PreprocessConfig) -> None:
+    if not cfg.out:
+        raise UsageError("--out is required")
+    if cfg.source not in SOURCES:
+        raise UsageError(f"unknown source {cfg.source!r} (valid: {', '.join(SOURCES)})")
+    if cfg.flow not in FLOW_ESTIMATORS:
+        raise UsageError(f"unknown flow {cfg.flow!r} (valid: {', '.join(sorted(FLOW_ESTIMATORS))})")
+    if cfg.source != "synthetic" and not cfg.root:
+        raise UsageError(f"--root is required for --source {cfg.source}")
+    if cfg.short_side is not None and cfg.short_side < 8:
+        raise UsageError(f"--short-side must be at least 8, got {cfg.short_side}")
+    if cfg.max_frames is not None and cfg.max_frames < 2:
+        raise UsageError(f"--max-frames must be at least 2, got {cfg.max_frames}")
+    if not 0.0 <= cfg.max_failures <= 1.0:
+        raise UsageError(f"--max-failures is a fraction in [0, 1], got {cfg.max_failures}")
+    if cfg.videos_per_shard < 1 or (cfg.num_workers is not None and cfg.num_workers < 1):
+        raise UsageError("--videos-per-shard and --workers must be at least 1")
+    try:
+        S.resolve(cfg.out)
+    except (OSError, ValueError) as e:
+        raise UsageError(f"--out {cfg.out}: {' '.join(str(e).split())}") from e
+
+
+def _listing(cfg: PreprocessConfig) -> Listing:
+    if cfg.source != "synthetic":
+        return list_videos(cfg.source, cfg.root, cfg.splits)
+    root = cfg.root or S.join(cfg.out, "videos")
+    kwargs = {
+        "num_videos": cfg.num_videos,
+        "seed": cfg.seed,
+        "width": cfg.synthetic_width,
+        "height": cfg.synthetic_height,
+        "num_frames": cfg.synthetic_frames,
+    }
+    fs, path = S.resolve(root)
+    if isinstance(fs, pafs.LocalFileSystem):
+        generate_synthetic(path, **kwargs)
+    else:  # generate locally, then upload: workers read the videos from shared storage
+        local = tempfile.mkdtemp(prefix="stm-synthetic-")
+        try:
+            generate_synthetic(local, **kwargs)
+            pafs.copy_files(local, path, destination_filesystem=fs)
+        finally:
+            shutil.rmtree(local, ignore_errors=True)
+    return list_videos("synthetic", root)
+
+
+def _check_and_write_metadata(
+    fs: pafs.FileSystem, root: str, cfg: PreprocessConfig, listing: Listing
+) -> None:
+    """Refuse to mix datasets in one OUT; write classes.json and dataset.json."""
+    settings = {
+        "source": cfg.source,
+        "flow": cfg.flow,
+        "short_side": cfg.resolved_short_side(),
+        "max_frames": cfg.max_frames,
+        "jpeg_quality": cfg.jpeg_quality,
+        "num_splits": listing.num_splits,
+    }
+    old = S.read_json(fs, posixpath.join(root, S.DATASET_FILE))
+    if old is not None:
+        diff = [k for k, v in settings.items() if old.get(k) != v]
+        if diff:
+            was = ", ".join(f"{k}={old.get(k)}" for k in diff)
+            raise UsageError(
+                f"{cfg.out} was prepared with {was}: use the same options or another --out"
+            )
+    old_classes = S.read_json(fs, posixpath.join(root, S.CLASSES_FILE))
+    if old_classes is not None and list(old_classes) != list(listing.classes):
+        raise UsageError(f"{cfg.out} holds another class list (classes.json): use another --out")
+    fs.create_dir(posixpath.join(root, S.SHARDS_DIR), recursive=True)
+    fs.create_dir(posixpath.join(root, S.MANIFEST_DIR), recursive=True)
+    S.write_json_atomic(fs, posixpath.join(root, S.CLASSES_FILE), list(listing.classes))
+    info = dict(old or {}, **settings, classes=len(listing.classes))
+    info.setdefault("counts", {})
+    info["shard_columns"] = S.SHARD_SCHEMA.names
+    S.write_json_atomic(fs, posixpath.join(root, S.DATASET_FILE), info)
+
+
+def _failed_row(video_id: str, reason: str) -> dict:
+    return {S.VIDEO_ID: video_id, S.STATUS: S.STATUS_FAILED, S.ERROR: reason, S.SHARD: ""}
+
+
+def _run_pipeline(
+    cfg: PreprocessConfig, fs: pafs.FileSystem, root: str, todo: Sequence[VideoItem]
+) -> tuple[int, float]:
+    """Run the Ray Data pipeline over ``todo``; return (frames decoded, seconds)."""
+    import ray
+    from ray.util.annotations import RayDeprecationWarning
+
+    if not ray.is_initialized():
+        if os.environ.get("RAY_ADDRESS"):
+            ray.init()
+        else:
+            ray.init(include_dashboard=False)
+    groups = [todo[i : i + cfg.videos_per_shard] for i in range(0, len(todo), cfg.videos_per_shard)]
+    rows = [
+        {
+            "name": group_name([it.video_id for it in g]),
+            "videos": json.dumps([asdict(it) for it in g]),
+        }
+        for g in groups
+    ]
+    workers = cfg.num_workers or max(1, int(ray.cluster_resources().get("CPU", 1)))
+    workers = min(workers, len(groups))
+    logger.info(
+        "%d groups of up to %d videos on %d flow actors", len(groups), cfg.videos_per_shard, workers
+    )
+
+    start = time.perf_counter()
+    ctx = ray.data.DataContext.get_current()
+    saved = ctx.max_errored_blocks
+    ctx.max_errored_blocks = -1  # a group lost after retries is recorded below, not fatal
+    try:  # DataContext settings are captured when the dataset is created
+        ds = ray.data.from_items(rows, override_num_blocks=min(len(rows), MAX_BLOCKS))
+    finally:
+        ctx.max_errored_blocks = saved
+    with warnings.catch_warnings():
+        # Ray 2.60 has no named parameter for max_task_retries; the default (-1) would retry a
+        # group that kills its worker (a video crashing FFmpeg) forever.
+        warnings.simplefilter("ignore", RayDeprecationWarning)
+        ds = ds.flat_map(
+            GroupWorker,
+            fn_constructor_kwargs={
+                "out": cfg.out if "://" in cfg.out else os.path.abspath(cfg.out),
+                "flow": cfg.flow,
+                "short_side": cfg.resolved_short_side(),
+                "max_frames": cfg.max_frames,
+                "jpeg_quality": cfg.jpeg_quality,
+            },
+            # one group at a time per actor: groups are long, queues would unbalance the pool
+            compute=ray.data.ActorPoolStrategy(size=workers, max_tasks_in_flight_per_actor=1),
+            num_cpus=1,
+            max_task_retries=MAX_TASK_RETRIES,
+        )
+    frames, seen = 0, set()
+    for result in _iter_results(ds):
+        seen.add(result[S.VIDEO_ID])
+        frames += int(result["num_frames"])
+    lost = [it for it in todo if it.video_id not in seen]
+    if lost:
+        logger.error("%d videos got no result (their group failed after retries)", len(lost))
+        _write_manifest(
+            fs,
+            root,
+            group_name([it.video_id for it in lost], "lost"),
+            [_failed_row(it.video_id, LOST_REASON) for it in lost],
+        )
+    return frames, time.perf_counter() - start
+
+
+def _iter_results(ds) -> Iterator[dict]:
+    yield from ds.iter_rows()
+
+
+# --- resume: make OUT consistent and find what is done -----------------------------------------
+def _repair(fs: pafs.FileSystem, root: str) -> dict[str, str]:
+    """Clean OUT after an interruption; return video_id -> shard file name of the ok videos.
+
+    Deletes temp leftovers, sets unreadable Parquet files aside (``_unreadable-*``), keeps each
+    video in one shard file only and makes the manifest agree with the shards.
+    """
+    for sub in (S.SHARDS_DIR, S.MANIFEST_DIR):
+        directory = posixpath.join(root, sub)
+        if fs.get_file_info(directory).type == pafs.FileType.NotFound:
+            continue
+        for info in fs.get_file_info(pafs.FileSelector(directory)):
+            if info.base_name.startswith(S.TMP_PREFIX):
+                logger.info("deleting leftover %s", info.path)
+                fs.delete_file(info.path)
+    shard_of: dict[str, str] = {}
+    for path in S.list_parquet(fs, posixpath.join(root, S.SHARDS_DIR)):
+        name = posixpath.basename(path)
+        ids = _read_ids(fs, path)
+        if ids is None:
+            continue
+        dups = [v for v in ids if v in shard_of]
+        if dups:
+            logger.warning("%s repeats %d videos of other shards: removing them", name, len(dups))
+            table = pq.read_table(path, filesystem=fs)
+            keep = [i for i, v in enumerate(ids) if v not in shard_of]
+            if keep:
+                S.write_table_atomic(fs, path, table.take(keep))
+            else:
+                fs.delete_file(path)
+                continue
+        for v in ids:
+            shard_of.setdefault(v, name)
+    _rewrite_manifest(fs, root, shard_of, drop=set())
+    return shard_of
+
+
+def _read_ids(fs: pafs.FileSystem, path: str) -> list[str] | None:
+    try:
+        return pq.read_table(path, columns=[S.VIDEO_ID], filesystem=fs)[S.VIDEO_ID].to_pylist()
+    except (OSError, pa.ArrowException) as e:
+        head, name = posixpath.split(path)
+        logger.warning("setting aside unreadable %s: %s", path, e)
+        fs.move(path, posixpath.join(head, f"_unreadable-{name}"))
+        return None
+
+
+def _rewrite_manifest(
+    fs: pafs.FileSystem, root: str, shard_of: dict[str, str], drop: set[str]
+) -> None:
+    """Make the manifest agree with the shards: one row per video; ok rows name the shard that
+    holds the video; ok rows whose video no shard holds are removed (it will be redone); failed
+    rows of videos in ``drop`` are removed (retried). Adds rows for shard videos it lacks.
+    """
+    seen: set[str] = set()
+    for path in S.list_parquet(fs, posixpath.join(root, S.MANIFEST_DIR)):
+        try:
+            rows = pq.read_table(path, filesystem=fs).to_pylist()
+        except (OSError, pa.ArrowException) as e:
+            head, name = posixpath.split(path)
+            logger.warning("setting aside unreadable %s: %s", path, e)
+            fs.move(path, posixpath.join(head, f"_unreadable-{name}"))
+            continue
+        keep = []
+        for row in rows:
+            vid = row[S.VIDEO_ID]
+            if vid in seen:
+                continue
+            if vid in shard_of:
+                row = {S.VIDEO_ID: vid, S.STATUS: S.STATUS_OK, S.ERROR: "", S.SHARD: shard_of[vid]}
+            elif row[S.STATUS] == S.STATUS_OK or vid in drop:
+                continue
+            keep.append(row)
+            seen.add(vid)
+        if keep == rows:
+            continue
+        if keep:
+            _write_manifest(fs, root, posixpath.basename(path), keep)
+        else:
+            fs.delete_file(path)
+    lacking = sorted(v for v in shard_of if v not in seen)
+    if lacking:
+        logger.info("adding %d manifest rows for videos found in shards", len(lacking))
+        rows = [
+            {S.VIDEO_ID: v, S.STATUS: S.STATUS_OK, S.ERROR: "", S.SHARD: shard_of[v]}
+            for v in lacking
+        ]
+        _write_manifest(fs, root, group_name(lacking, "recovered"), rows)
+
+
+def _manifest_status(fs: pafs.FileSystem, root: str) -> dict[str, tuple[str, str]]:
+    """video_id -> (status, error) from every manifest part."""
+    status: dict[str, tuple[str, str]] = {}
+    for path in S.list_parquet(fs, posixpath.join(root, S.MANIFEST_DIR)):
+        table = pq.read_table(path, columns=[S.VIDEO_ID, S.STATUS, S.ERROR], filesystem=fs)
+        for v, st, err in zip(*(table[c].to_pylist() for c in (S.VIDEO_ID, S.STATUS, S.ERROR))):
+            if status.get(v, ("",))[0] != S.STATUS_OK:
+                status[v] = (st, err)
+    return status
+
+
+def _summarise(
+    fs: pafs.FileSystem,
+    root: str,
+    cfg: PreprocessConfig,
+    listing: Listing,
+    skipped: int,
+    processed: int,
+    start: float,
+) -> PreprocessSummary:
+    status = _manifest_status(fs, root)
+    ids = [it.video_id for it in listing.items]
+    ok = sum(1 for v in ids if status.get(v, ("",))[0] == S.STATUS_OK)
+    failures = [(v, status[v][1]) for v in ids if status.get(v, ("",))[0] == S.STATUS_FAILED]
+    return PreprocessSummary(
+        total=len(ids),
+        ok=ok,
+        failed=len(failures),
+        skipped=skipped,
+        processed=processed,
+        frames=0,
+        seconds=time.perf_counter() - start,
+        pipeline_seconds=0.0,
+        out=cfg.out,
+        shards=S.join(cfg.out, S.SHARDS_DIR),
+        manifest=S.join(cfg.out, S.MANIFEST_DIR),
+        failures=failures[:20],
+        max_failures=cfg.max_failures,
+    )

@@ -1,0 +1,572 @@
+"""Where videos come from: split-file parsers (UCF101, HMDB51), folder-per-class, synthetic videos.
+
+Every source yields a ``Listing``: the class names (index = 0-based label) and one ``VideoItem``
+per input video, with the 1-based split numbers that train or test on it. A video that a split
+file lists but that is not on disk is still an item (``missing`` holds the reason), so the job
+records it as failed instead of dropping it silently.
+
+``root`` and split directories are local paths or URIs (``s3://...``), listed through pyarrow's
+filesystems.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import posixpath
+import re
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+import av
+import numpy as np
+import pyarrow.fs as pafs
+
+from stm.data.shards import join, resolve
+
+logger = logging.getLogger(__name__)
+
+SOURCES = ("ucf101", "hmdb51", "folder", "synthetic")
+
+
+class UsageError(ValueError):
+    """A problem with the command's arguments or inputs (bad path, missing split files).
+
+    The message is one line; the job prints it and exits with status 2.
+    """
+
+
+@dataclass(frozen=True)
+class VideoItem:
+    """One input video."""
+
+    video_id: str  # unique, "<class>/<file name without extension>"
+    path: str  # local path or URI of the file ("" when missing)
+    label: int  # 0-based class index
+    class_name: str
+    train_splits: tuple[int, ...]  # 1-based split numbers that train on this video
+    test_splits: tuple[int, ...]  # 1-based split numbers that test on this video
+    missing: str = ""  # why the file is absent (listed in a split file, not on disk)
+
+
+@dataclass(frozen=True)
+class Listing:
+    """The videos of a dataset and its class names (index = label)."""
+
+    classes: tuple[str, ...]
+    items: tuple[VideoItem, ...]
+    num_splits: int
+
+
+def list_videos(source: str, root: str, splits: str | None = None) -> Listing:
+    """List the videos of ``source`` (one of ``SOURCES``) under ``root``.
+
+    Args:
+        source: "ucf101", "hmdb51", "folder" or "synthetic".
+        root: the video folder (local path or URI).
+        splits: the folder holding the split files (UCF101: classInd.txt, trainlist0k.txt,
+            testlist0k.txt; HMDB51: <class>_test_split{k}.txt). Defaults to ``root``.
+    """
+    _require_dir(root, "--root")
+    if source == "ucf101":
+        return read_ucf101(root, splits or root)
+    if source == "hmdb51":
+        return read_hmdb51(root, splits or root)
+    if source == "folder":
+        return read_folder(root)
+    if source == "synthetic":
+        return read_ucf101(root, root)
+    raise UsageError(f"unknown source {source!r} (valid: {', '.join(SOURCES)})")
+
+
+# --- files ----------------------------------------------------------------------------------------
+def _require_dir(uri: str, what: str) -> None:
+    try:
+        fs, path = resolve(uri)
+        kind = fs.get_file_info(path).type
+    except (OSError, ValueError) as e:
+        raise UsageError(f"{what} {uri}: {' '.join(str(e).split())}") from e
+    if kind != pafs.FileType.Directory:
+        raise UsageError(f"{what} {uri} is not an existing directory")
+
+
+def _list_files(root: str) -> list[str]:
+    """Relative '/'-separated paths of all non-hidden files under ``root``."""
+    fs, base = resolve(root)
+    base = base.rstrip("/")
+    out = []
+    for info in fs.get_file_info(pafs.FileSelector(base, recursive=True)):
+        if info.type != pafs.FileType.File:
+            continue
+        rel = info.path[len(base) + 1 :].replace("\\", "/")
+        if not any(part.startswith(".") for part in rel.split("/")):
+            out.append(rel)
+    return sorted(out)
+
+
+class _FileIndex:
+    """Case-insensitive lookup of listed file names among the files under a root.
+
+    Split files and archives disagree on case (UCF101 lists HandstandPushups/v_HandStandPushups_*);
+    a path is matched on its lower-cased relative path, else on its lower-cased base name when that
+    is unique (archives extracted flat).
+    """
+
+    def __init__(self, root: str) -> None:
+        self.root = root
+        self._by_path: dict[str, str] = {}
+        by_name: dict[str, list[str]] = {}
+        for rel in _list_files(root):
+            self._by_path.setdefault(rel.lower(), rel)
+            by_name.setdefault(posixpath.basename(rel).lower(), []).append(rel)
+        self._by_name = {k: v[0] for k, v in by_name.items() if len(v) == 1}
+
+    def find(self, listed: str) -> str | None:
+        key = listed.replace("\\", "/").strip("/").lower()
+        return self._by_path.get(key) or self._by_name.get(posixpath.basename(key))
+
+
+def _find_file(directory: str, name: str) -> str | None:
+    """The URI of the file ``name`` (case-insensitive) directly in ``directory``, or None."""
+    fs, base = resolve(directory)
+    if fs.get_file_info(base).type != pafs.FileType.Directory:
+        return None
+    for info in fs.get_file_info(pafs.FileSelector(base)):
+        if info.type == pafs.FileType.File and info.base_name.lower() == name.lower():
+            return join(directory, info.base_name)
+    return None
+
+
+def _read_lines(uri: str) -> list[tuple[int, str]]:
+    """(line number, stripped text) of the non-blank lines; tolerates CRLF, BOM, trailing spaces."""
+    fs, path = resolve(uri)
+    with fs.open_input_stream(path) as f:
+        text = f.read().decode("utf-8-sig", errors="replace")
+    return [(i, s.strip()) for i, s in enumerate(text.splitlines(), 1) if s.strip()]
+
+
+def _stem(rel: str) -> str:
+    return posixpath.splitext(posixpath.basename(rel))[0]
+
+
+# --- UCF101 ---------------------------------------------------------------------------------------
+def read_ucf101(root: str, splits: str) -> Listing:
+    """UCF101-style splits: classInd.txt ("1 ApplyEyeMakeup", 1-based), trainlist0k.txt
+    ("ApplyEyeMakeup/v_ApplyEyeMakeup_g08_c01.avi 1") and testlist0k.txt (no label).
+
+    Labels become 0-based. File names match case-insensitively. A listed video that is not under
+    ``root`` becomes an item with ``missing`` set.
+    """
+    _require_dir(splits, "--splits")
+    class_file = _find_file(splits, "classInd.txt")
+    if class_file is None:
+        raise UsageError(f"classInd.txt not found in {splits}")
+    classes: list[str] = []
+    for lineno, line in _read_lines(class_file):
+        parts = line.split()
+        if len(parts) != 2 or not parts[0].isdigit() or int(parts[0]) != len(classes) + 1:
+            raise UsageError(f"{class_file}:{lineno}: expected '{len(classes) + 1} ClassName'")
+        classes.append(parts[1])
+    if not classes:
+        raise UsageError(f"{class_file} lists no classes")
+    by_lower = {c.lower(): i for i, c in enumerate(classes)}
+
+    lists: list[tuple[int, str, str]] = []  # (split, "train" | "test", uri)
+    for k in range(1, 10):
+        train = _find_file(splits, f"trainlist{k:02d}.txt")
+        test = _find_file(splits, f"testlist{k:02d}.txt")
+        if train is None and test is None:
+            break
+        if train is None or test is None:
+            raise UsageError(
+                f"split {k}: found only one of trainlist{k:02d}.txt, testlist{k:02d}.txt"
+            )
+        lists += [(k, "train", train), (k, "test", test)]
+    if not lists:
+        raise UsageError(f"trainlist01.txt / testlist01.txt not found in {splits}")
+
+    entries: dict[str, dict] = {}  # lower-cased listed path -> fields
+    for split, kind, uri in lists:
+        for lineno, line in _read_lines(uri):
+            parts = line.split()
+            listed = parts[0].replace("\\", "/")
+            if kind == "train":
+                if len(parts) != 2 or not parts[1].isdigit():
+                    raise UsageError(f"{uri}:{lineno}: expected 'Class/video.avi label'")
+                label = int(parts[1]) - 1
+                if not 0 <= label < len(classes):
+                    raise UsageError(f"{uri}:{lineno}: label {parts[1]} not in classInd.txt")
+            else:
+                folder = posixpath.dirname(listed).lower()
+                if folder not in by_lower:
+                    raise UsageError(f"{uri}:{lineno}: class folder of {listed!r} not in classInd")
+                label = by_lower[folder]
+            entry = entries.setdefault(
+                listed.lower(), {"listed": listed, "label": label, "train": [], "test": []}
+            )
+            entry[kind].append(split)
+    index = _FileIndex(root)
+    return Listing(tuple(classes), _items(entries, classes, index), len(lists) // 2)
+
+
+def _items(entries: dict[str, dict], classes: list[str], index: _FileIndex) -> tuple:
+    items = []
+    for entry in entries.values():
+        found = index.find(entry["listed"])
+        name = classes[entry["label"]]
+        stem = _stem(found or entry["listed"])
+        items.append(
+            VideoItem(
+                video_id=f"{name}/{stem}",
+                path=join(index.root, found) if found else "",
+                label=entry["label"],
+                class_name=name,
+                train_splits=tuple(sorted(set(entry["train"]))),
+                test_splits=tuple(sorted(set(entry["test"]))),
+                missing=""
+                if found
+                else f"listed in the split files but not found: {entry['listed']}",
+            )
+        )
+    return tuple(sorted(items, key=lambda it: it.video_id))
+
+
+# --- HMDB51 ---------------------------------------------------------------------------------------
+_HMDB_SPLIT = re.compile(r"^(?P<cls>.+)_test_split(?P<k>\d+)\.txt$", re.IGNORECASE)
+
+
+def read_hmdb51(root: str, splits: str) -> Listing:
+    """HMDB51 splits: "<class>_test_split{k}.txt" with lines "name.avi tag" where tag 1 = train,
+    2 = test, 0 = unused in that split. Classes sorted by name; videos under ``root/<class>/``.
+    """
+    _require_dir(splits, "--splits")
+    fs, base = resolve(splits)
+    files: list[tuple[str, int, str]] = []
+    for info in fs.get_file_info(pafs.FileSelector(base)):
+        m = _HMDB_SPLIT.match(info.base_name)
+        if info.type == pafs.FileType.File and m:
+            files.append((m["cls"], int(m["k"]), join(splits, info.base_name)))
+    if not files:
+        raise UsageError(f"no <class>_test_split<k>.txt files in {splits}")
+    classes = sorted({c for c, _, _ in files})
+    num_splits = max(k for _, k, _ in files)
+    entries: dict[str, dict] = {}
+    for cls, k, uri in sorted(files):
+        for lineno, line in _read_lines(uri):
+            parts = line.split()
+            if len(parts) != 2 or parts[1] not in ("0", "1", "2"):
+                raise UsageError(f"{uri}:{lineno}: expected 'video.avi 0|1|2'")
+            listed = f"{cls}/{parts[0]}"
+            entry = entries.setdefault(
+                listed.lower(),
+                {"listed": listed, "label": classes.index(cls), "train": [], "test": []},
+            )
+            if parts[1] == "1":
+                entry["train"].append(k)
+            elif parts[1] == "2":
+                entry["test"].append(k)
+    return Listing(tuple(classes), _items(entries, classes, _FileIndex(root)), num_splits)
+
+
+# --- folder per class -----------------------------------------------------------------------------
+FOLDER_TEST_PERCENT = 20  # share of videos (by group) in the test set of the folder source's split
+_UCF_CLIP = re.compile(r"(_g\d+)_c\d+$", re.IGNORECASE)
+
+
+def folder_split_is_test(video_id: str) -> bool:
+    """The deterministic split of the folder source: test when a hash of the video's group is in
+    the bottom ``FOLDER_TEST_PERCENT`` percent.
+
+    The group is the video id with a UCF101-style clip suffix removed ("v_X_g08_c03" -> "v_X_g08"),
+    so clips cut from one recording never land on both sides; otherwise it is the video id.
+    """
+    group = _UCF_CLIP.sub(r"\1", video_id)
+    digest = hashlib.sha1(group.encode()).digest()
+    return int.from_bytes(digest[:8], "big") % 100 < FOLDER_TEST_PERCENT
+
+
+def read_folder(root: str) -> Listing:
+    """``root/<class>/<video>`` (nested folders allowed): classes sorted by name, one split
+    (``folder_split_is_test``). Every non-hidden file is an input; one that is not a video is
+    recorded as failed, not skipped.
+    """
+    files = [rel for rel in _list_files(root) if "/" in rel]  # files at the top level are no videos
+    classes = sorted({rel.split("/", 1)[0] for rel in files})
+    if not classes:
+        raise UsageError(f"no <class>/<video> files under {root}")
+    items = []
+    for rel in files:
+        cls = rel.split("/", 1)[0]
+        video_id = posixpath.splitext(rel)[0]
+        test = folder_split_is_test(video_id)
+        items.append(
+            VideoItem(
+                video_id=video_id,
+                path=join(root, rel),
+                label=classes.index(cls),
+                class_name=cls,
+                train_splits=() if test else (1,),
+                test_splits=(1,) if test else (),
+            )
+        )
+    ids = [it.video_id for it in items]
+    if len(set(ids)) != len(ids):
+        dup = sorted({i for i in ids if ids.count(i) > 1})[0]
+        raise UsageError(f"two files share the video id {dup!r} (same name, other extension)")
+    return Listing(tuple(classes), tuple(items), 1)
+
+
+# --- synthetic ------------------------------------------------------------------------------------
+# Classes = identity x motion. Identities differ only in hue, at the same grayscale luminance and
+# the same outline, so flow (computed on grayscale) cannot tell them apart; a single frame cannot
+# tell the motion (positions wrap around the frame, so where the object is says nothing). Motions
+# are unchanged by a horizontal flip (training flips clips), so no class turns into another one.
+SYNTHETIC_IDENTITIES = ("red", "teal")  # +chroma / -chroma at equal luminance
+SYNTHETIC_MOTIONS = ("down", "sideways", "up")  # sideways = oscillating left-right
+SYNTHETIC_CLASSES = tuple(f"{i}_{m}" for i in SYNTHETIC_IDENTITIES for m in SYNTHETIC_MOTIONS)
+SYNTHETIC_NUM_VIDEOS = 120  # 20 per class: 16 train + 4 test
+SYNTHETIC_WIDTH = 96
+SYNTHETIC_HEIGHT = 72
+SYNTHETIC_NUM_FRAMES = 32
+SYNTHETIC_FPS = 25
+SYNTHETIC_TEST_EVERY = 5  # the k-th video of a class is a test video when k % 5 == 4
+
+_LUMA = np.array([0.299, 0.587, 0.114])  # ITU-R BT.601, as cv2.COLOR_RGB2GRAY and the codecs
+_CHROMA_A = np.array([56.0, -21.0, -(0.299 * 56.0 - 0.587 * 21.0) / 0.114])  # luma 0, reddish
+_CHROMA_B = np.cross(_LUMA, _CHROMA_A / np.linalg.norm(_CHROMA_A)) * 40.0  # luma 0, orthogonal
+_MARKER = "synthetic.json"
+
+
+@dataclass(frozen=True)
+class SyntheticScene:
+    """Everything random about one synthetic video (drawn from a seed, see ``synthetic_scene``)."""
+
+    identity: str
+    motion: str
+    width: int
+    height: int
+    num_frames: int
+    seed: int  # pixels (background, textures, noise) come from this seed
+    radius: float  # the actor: a textured disc
+    stripe_period: float
+    stripe_angle: float
+    luma_base: float
+    luma_amp: float
+    chroma_scale: float
+    x0: float
+    y0: float
+    speed: float  # px/frame for up/down
+    amplitude: float  # px for sideways
+    period: float  # frames for sideways
+    phase: float
+    distractor_size: float  # a textured square moving in any direction
+    distractor_velocity: tuple[float, float]
+    distractor_xy: tuple[float, float]
+    distractor_chroma: tuple[float, float]  # coefficients on the two zero-luma colour axes
+
+
+def synthetic_scene(
+    index: int,
+    seed: int = 0,
+    width: int = SYNTHETIC_WIDTH,
+    height: int = SYNTHETIC_HEIGHT,
+    num_frames: int = SYNTHETIC_NUM_FRAMES,
+) -> SyntheticScene:
+    """The scene of video ``index``: class ``SYNTHETIC_CLASSES[index % 6]``, random parameters
+    from (seed, index) only, so a video does not depend on how many others are generated.
+    """
+    rng = np.random.default_rng([seed, index])
+    cls = SYNTHETIC_CLASSES[index % len(SYNTHETIC_CLASSES)]
+    identity, motion = cls.split("_")
+    size = min(width, height)
+    angle = rng.uniform(0, 2 * np.pi)
+    return SyntheticScene(
+        identity=identity,
+        motion=motion,
+        width=width,
+        height=height,
+        num_frames=num_frames,
+        seed=int(rng.integers(2**31)),
+        radius=size * rng.uniform(0.15, 0.2),
+        stripe_period=rng.uniform(5.0, 8.0),
+        stripe_angle=rng.uniform(0, np.pi),
+        luma_base=rng.uniform(105, 145),
+        luma_amp=rng.uniform(28, 40),
+        chroma_scale=rng.uniform(0.8, 1.0),
+        x0=rng.uniform(0, width),
+        y0=rng.uniform(0, height),
+        speed=rng.uniform(1.5, 3.0),
+        amplitude=rng.uniform(6.0, 12.0),
+        period=rng.uniform(10.0, 16.0),
+        phase=rng.uniform(0, 2 * np.pi),
+        distractor_size=size * rng.uniform(0.1, 0.16),
+        distractor_velocity=(
+            float(rng.uniform(0.5, 2.5) * np.cos(angle)),
+            float(rng.uniform(0.5, 2.5) * np.sin(angle)),
+        ),
+        distractor_xy=(float(rng.uniform(0, width)), float(rng.uniform(0, height))),
+        distractor_chroma=(float(rng.uniform(-0.6, 0.6)), float(rng.uniform(-1.0, 1.0))),
+    )
+
+
+def render_synthetic(scene: SyntheticScene) -> np.ndarray:
+    """Render a scene: (T, H, W, 3) uint8 RGB frames.
+
+    Background: a random colour gradient with low-frequency texture and a small camera shake.
+    Actor: a disc with moving stripes, hue set by its identity. Distractor: a smaller textured
+    square of random hue moving in a random direction. Gaussian noise on every frame.
+    """
+    rng = np.random.default_rng(scene.seed)
+    h, w, t_len = scene.height, scene.width, scene.num_frames
+    pad = 2
+    background = _background(rng, h + 2 * pad, w + 2 * pad)
+    ys, xs = np.mgrid[0:h, 0:w].astype(np.float64)
+    sign = 1.0 if scene.identity == SYNTHETIC_IDENTITIES[0] else -1.0
+    actor_chroma = sign * scene.chroma_scale * _CHROMA_A
+    distractor_chroma = (
+        scene.distractor_chroma[0] * _CHROMA_A + scene.distractor_chroma[1] * _CHROMA_B
+    )
+    shake = np.zeros(2, dtype=int)
+    frames = np.empty((t_len, h, w, 3), dtype=np.uint8)
+    for t in range(t_len):
+        shake = np.clip(shake + rng.integers(-1, 2, size=2) * (rng.random(2) < 0.3), -pad, pad)
+        frame = background[pad + shake[1] : pad + shake[1] + h, pad + shake[0] : pad + shake[0] + w]
+        frame = frame.copy()
+        # distractor: a square with a checker texture, on a torus (wraps around the edges)
+        dx0, dy0 = scene.distractor_xy
+        vx, vy = scene.distractor_velocity
+        ddx = _wrap(xs - (dx0 + vx * t), w)
+        ddy = _wrap(ys - (dy0 + vy * t), h)
+        half = scene.distractor_size / 2
+        cover = np.clip(half + 0.5 - np.maximum(np.abs(ddx), np.abs(ddy)), 0.0, 1.0)
+        checker = ((np.floor(ddx / 3) + np.floor(ddy / 3)) % 2) * 50 + 100
+        _paint(frame, cover, checker, distractor_chroma)
+        # actor: a striped disc, moving by its class's motion
+        cx, cy = scene.x0, scene.y0
+        if scene.motion == "up":
+            cy -= scene.speed * t
+        elif scene.motion == "down":
+            cy += scene.speed * t
+        else:
+            cx += scene.amplitude * math.sin(2 * math.pi * t / scene.period + scene.phase)
+        adx, ady = _wrap(xs - cx, w), _wrap(ys - cy, h)
+        cover = np.clip(scene.radius + 0.5 - np.hypot(adx, ady), 0.0, 1.0)
+        along = adx * math.cos(scene.stripe_angle) + ady * math.sin(scene.stripe_angle)
+        luma = scene.luma_base + scene.luma_amp * np.sin(2 * math.pi * along / scene.stripe_period)
+        _paint(frame, cover, luma, actor_chroma)
+        frame += rng.normal(0.0, 4.0, size=frame.shape)
+        frames[t] = np.clip(np.round(frame), 0, 255).astype(np.uint8)
+    return frames
+
+
+def _wrap(d: np.ndarray, period: float) -> np.ndarray:
+    return (d + period / 2) % period - period / 2
+
+
+def _paint(frame: np.ndarray, cover: np.ndarray, luma: np.ndarray, chroma: np.ndarray) -> None:
+    colour = luma[..., None] + chroma  # (H, W, 3); luminance of colour == luma
+    frame *= 1.0 - cover[..., None]
+    frame += cover[..., None] * colour
+
+
+def _background(rng: np.random.Generator, h: int, w: int) -> np.ndarray:
+    c1, c2 = rng.uniform(40, 215, size=(2, 3))
+    angle = rng.uniform(0, 2 * np.pi)
+    ys, xs = np.mgrid[0:h, 0:w]
+    ramp = (xs * math.cos(angle) + ys * math.sin(angle)) / max(h, w)
+    ramp = (ramp - ramp.min()) / max(np.ptp(ramp), 1e-6)
+    image = c1 + ramp[..., None] * (c2 - c1)
+    coarse = rng.normal(0.0, 18.0, size=(6, 8))
+    blobs = _upsample(coarse, h, w)
+    return np.clip(image + blobs[..., None], 0, 255)
+
+
+def _upsample(grid: np.ndarray, h: int, w: int) -> np.ndarray:
+    gy = np.linspace(0, grid.shape[0] - 1, h)
+    gx = np.linspace(0, grid.shape[1] - 1, w)
+    rows = np.array([np.interp(gx, np.arange(grid.shape[1]), r) for r in grid])
+    return np.array([np.interp(gy, np.arange(grid.shape[0]), c) for c in rows.T]).T
+
+
+def write_video(path: str, frames: np.ndarray, fps: int = SYNTHETIC_FPS) -> None:
+    """Encode (T, H, W, 3) uint8 RGB frames with PyAV: MPEG-4 part 2 in AVI (as UCF101's Xvid)."""
+    with av.open(path, mode="w") as container:
+        stream = container.add_stream("mpeg4", rate=fps)
+        stream.width, stream.height = frames.shape[2], frames.shape[1]
+        stream.pix_fmt = "yuv420p"
+        stream.bit_rate = 2_000_000
+        stream.codec_context.thread_count = 1
+        for rgb in frames:
+            for packet in stream.encode(av.VideoFrame.from_ndarray(rgb, format="rgb24")):
+                container.mux(packet)
+        for packet in stream.encode():  # flush the encoder
+            container.mux(packet)
+
+
+def generate_synthetic(
+    root: str,
+    num_videos: int = SYNTHETIC_NUM_VIDEOS,
+    seed: int = 0,
+    width: int = SYNTHETIC_WIDTH,
+    height: int = SYNTHETIC_HEIGHT,
+    num_frames: int = SYNTHETIC_NUM_FRAMES,
+) -> str:
+    """Write the synthetic action dataset under ``root`` (a local folder) and return ``root``.
+
+    Layout (UCF101-style, read back by ``list_videos("synthetic", root)``)::
+
+        root/<class>/<class>_<k>.avi   k-th video of the class, MPEG-4 in AVI, ``fps`` 25
+        root/classInd.txt, root/trainlist01.txt, root/testlist01.txt   one split
+        root/synthetic.json            the parameters; written last, marks a complete dataset
+
+    Six classes = 2 identities (same luminance, different hue) x 3 motions (up, down, sideways):
+    the appearance stream sees identity, the motion stream sees motion, and only both together
+    name the class. Video ``i`` has class ``SYNTHETIC_CLASSES[i % 6]``; every 5th video of a class
+    is a test video. Deterministic for a seed; a complete dataset with the same parameters is
+    kept as it is (no work).
+    """
+    if num_videos < 1 or width % 2 or height % 2 or num_frames < 2:
+        raise UsageError("synthetic: need num_videos >= 1, even width/height, num_frames >= 2")
+    params = {
+        "num_videos": num_videos,
+        "seed": seed,
+        "width": width,
+        "height": height,
+        "num_frames": num_frames,
+        "classes": list(SYNTHETIC_CLASSES),
+    }
+    fs, base = resolve(root)
+    if not isinstance(fs, pafs.LocalFileSystem):
+        raise UsageError(f"synthetic videos are generated on a local disk, not {root}")
+    marker = posixpath.join(base, _MARKER)
+    if fs.get_file_info(marker).type == pafs.FileType.File:
+        with fs.open_input_stream(marker) as f:
+            if json.loads(f.read()) == params:
+                logger.info("synthetic dataset already complete in %s", root)
+                return root
+        fs.delete_file(marker)
+    train, test = [], []
+    for i in range(num_videos):
+        scene = synthetic_scene(i, seed, width, height, num_frames)
+        cls = f"{scene.identity}_{scene.motion}"
+        k = i // len(SYNTHETIC_CLASSES)
+        rel = f"{cls}/{cls}_{k:03d}.avi"
+        fs.create_dir(posixpath.join(base, cls), recursive=True)
+        write_video(posixpath.join(base, rel), render_synthetic(scene))
+        label = SYNTHETIC_CLASSES.index(cls) + 1
+        (test if k % SYNTHETIC_TEST_EVERY == SYNTHETIC_TEST_EVERY - 1 else train).append(
+            (rel, label)
+        )
+    _write_text(base, "classInd.txt", (f"{i + 1} {c}" for i, c in enumerate(SYNTHETIC_CLASSES)))
+    _write_text(base, "trainlist01.txt", (f"{rel} {label}" for rel, label in train))
+    _write_text(base, "testlist01.txt", (rel for rel, _ in test))
+    _write_text(base, _MARKER, [json.dumps(params)])
+    logger.info("wrote %d synthetic videos to %s", num_videos, root)
+    return root
+
+
+def _write_text(base: str, name: str, lines: Iterable[str]) -> None:
+    with open(posixpath.join(base, name), "w") as f:
+        f.writelines(line + "\n" for line in lines)
