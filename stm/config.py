@@ -89,3 +89,123 @@ def from_dict(cls: type[T], data: dict[str, Any]) -> T:
             value = tuple(value)
         kwargs[name] = value
     return cls(**kwargs)
+
+
+STAGES = ("fused", "appearance", "motion")
+TEST_MODES = ("full", "10crop")
+CROPS = ("auto", "jitter", "multiscale")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """One training run. Defaults are the paper's values for real data (Sect. 4.1-4.2);
+    ``embedded_default()`` gives the small synthetic run of ``python jobs/train.py``."""
+
+    model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
+    # data
+    data: str = ""  # a preprocessed dataset (local path or s3:// / gs:// URI); "" = synthetic
+    split: int = 1  # the official split to train and test on (1-based)
+    stage: str = "fused"  # appearance | motion (each stream alone) | fused (Sect. 4.1)
+    num_chunks: int = 5  # chunks per video in training ("5 inputs from a video", up to 11)
+    stride_min: int = 5  # random temporal stride in [stride_min, stride_max] (Sect. 4.1)
+    stride_max: int = 35
+    crop_size: int = 224
+    crop: str = "auto"  # auto = multiscale corner crops for motion, +-25% jitter otherwise
+    test_frames: int = 25  # Sect. 4.2: 25 uniformly spaced frames and their flips
+    test_mode: str = "full"  # full frame, fully convolutional | 10crop (MMAction2's protocol)
+    # optimisation
+    epochs: int = 35
+    lr: float = 0.0  # 0 = the stage's default: 1e-2 for a stream alone, 1e-3 fused
+    lr_milestones: tuple[int, ...] = (20, 30)  # /10 after 20 epochs and 10 more (Sect. 4.1)
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    batch_size: int = 128  # videos per update, across all workers
+    bn_batch: int = 4  # videos per forward/backward on one worker (BN batch; original: 4 x 5)
+    seed: int = 0
+    # initialisation of the fused stage (Sect. 4.1: "the fused model starts from both")
+    appearance_init: str = ""  # checkpoint path or MLflow run id of an appearance-stage run
+    motion_init: str = ""  # the same for the motion stage
+    imagenet_dir: str = ""  # where torchvision's ImageNet .pth files are ("" = torch's cache)
+    # Ray
+    num_workers: int = 1
+    gpus_per_worker: float = 0.0
+    cpus_per_worker: float = 1.0
+    max_failures: int = 3  # worker-group restarts from the latest checkpoint
+    keep_checkpoints: int = 2  # the best k by fused test accuracy
+    storage_path: str = "runs"  # local path or s3:// / gs:// URI shared by all nodes
+    name: str = ""  # run name ("" = stage, variant and time); reuse only to resume
+    # MLflow
+    mlflow_uri: str = ""  # "" = $MLFLOW_TRACKING_URI, else sqlite:///<cwd>/mlflow.db
+    experiment: str = "stm"
+
+    def __post_init__(self) -> None:
+        check_choice("stage", self.stage, STAGES)
+        check_choice("test_mode", self.test_mode, TEST_MODES)
+        check_choice("crop", self.crop, CROPS)
+        positive = ("epochs", "batch_size", "bn_batch", "num_chunks", "crop_size", "test_frames")
+        for name in (*positive, "split", "num_workers"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"invalid {name} {getattr(self, name)}: need at least 1")
+        if not 1 <= self.stride_min <= self.stride_max:
+            raise ValueError(f"invalid stride range [{self.stride_min}, {self.stride_max}]")
+        if self.num_chunks > 11:
+            raise ValueError(f"invalid num_chunks {self.num_chunks}: the paper uses up to 11")
+        per_worker, rest = divmod(self.batch_size, self.num_workers)
+        if rest or per_worker % self.bn_batch:
+            raise ValueError(
+                f"--bn-batch {self.bn_batch} must divide the per-worker share of --batch-size "
+                f"{self.batch_size} over {self.num_workers} workers"
+            )
+
+    @property
+    def accum_steps(self) -> int:
+        """Micro-batches per update on each worker."""
+        return self.batch_size // self.num_workers // self.bn_batch
+
+    @property
+    def base_lr(self) -> float:
+        return self.lr or (1e-3 if self.stage == "fused" else 1e-2)
+
+    @property
+    def crop_mode(self) -> str:
+        if self.crop != "auto":
+            return self.crop
+        return "multiscale" if self.stage == "motion" else "jitter"
+
+
+def embedded_default(**overrides: Any) -> TrainConfig:
+    """The run of ``python jobs/train.py`` with no arguments: the synthetic dataset, small
+    streams on small frames, 2 CPU workers, a few minutes on a laptop."""
+    model = ModelConfig(
+        num_classes=6,
+        appearance_arch="resnet18",
+        motion_arch="resnet18",
+        motion_dropout=0.5,
+    )
+    cfg = TrainConfig(
+        model=model,
+        num_chunks=3,
+        stride_min=2,
+        stride_max=6,
+        crop_size=64,
+        test_frames=9,
+        epochs=6,
+        lr=0.02,
+        lr_milestones=(5,),
+        batch_size=16,
+        bn_batch=4,
+        num_workers=2,
+        cpus_per_worker=0.5,
+        keep_checkpoints=1,
+    )
+    return replace(cfg, **overrides)
+
+
+def replace(cfg: T, **changes: Any) -> T:
+    """``dataclasses.replace`` that also accepts nested ``model=dict(...)`` changes."""
+    model = changes.pop("model", None)
+    if isinstance(model, dict):
+        changes["model"] = dataclasses.replace(cfg.model, **model)  # type: ignore[attr-defined]
+    elif model is not None:
+        changes["model"] = model
+    return dataclasses.replace(cfg, **changes)  # type: ignore[type-var]

@@ -1,0 +1,104 @@
+"""The training input pipeline on Ray Data, built on the driver: shards are streamed from
+Parquet, the split selected, and clips decoded and augmented in Ray Data workers (never in the
+training loop). Each epoch re-executes the pipeline, so augmentation is drawn anew per epoch.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+
+from stm.config import TrainConfig
+from stm.data.clips import TestClipSampler, TrainClipSampler
+from stm.data.shards import (
+    FLOW_U,
+    FLOW_V,
+    LABEL,
+    NUM_FRAMES,
+    RGB,
+    TEST_SPLITS,
+    TRAIN_SPLITS,
+    VIDEO_ID,
+    in_split,
+    list_parquet,
+    resolve,
+    shards_dataset,
+)
+
+CLIP_COLUMNS = [VIDEO_ID, LABEL, NUM_FRAMES, RGB, FLOW_U, FLOW_V, TRAIN_SPLITS, TEST_SPLITS]
+
+
+def split_sizes(data: str, split: int) -> tuple[int, int]:
+    """(training videos, test videos) of ``split``, from two small columns of the shards."""
+    table = shards_dataset(data).to_table(columns=[TRAIN_SPLITS, TEST_SPLITS])
+    return int(in_split(table, split, True).sum()), int(in_split(table, split, False).sum())
+
+
+def _clips(batch: pa.Table, *, split: int, train: bool, sampler: Any) -> dict[str, np.ndarray]:
+    """Keep the split's videos of a batch of shard rows, then sample their clips."""
+    return sampler(batch.filter(in_split(batch, split, train)))
+
+
+def build_datasets(cfg: TrainConfig) -> dict[str, Any]:
+    """{"train": training clips, "test": test views} as lazy Ray Datasets."""
+    import ray.data
+
+    fs, root = resolve(cfg.data)
+    files = list_parquet(fs, f"{root.rstrip('/')}/shards")
+    base = ray.data.read_parquet(files, filesystem=fs, columns=CLIP_COLUMNS)
+    flow_length = cfg.model.flow_length
+    train_sampler = TrainClipSampler(
+        seed=None,  # fresh randomness on every execution, i.e. every epoch
+        num_chunks=cfg.num_chunks,
+        flow_length=flow_length,
+        crop_size=cfg.crop_size,
+        stride_range=(cfg.stride_min, cfg.stride_max),
+        crop=cfg.crop_mode,
+    )
+    test_sampler = TestClipSampler(
+        num_frames=cfg.test_frames,
+        flow_length=flow_length,
+        mode=cfg.test_mode,
+        crop_size=cfg.crop_size,
+    )
+    train = base.randomize_block_order().map_batches(
+        _clips,
+        batch_format="pyarrow",
+        batch_size=cfg.bn_batch,
+        fn_kwargs={"split": cfg.split, "train": True, "sampler": train_sampler},
+    )
+    test = base.map_batches(
+        _clips,
+        batch_format="pyarrow",
+        batch_size=1,  # full frames of different videos may differ in size
+        fn_kwargs={"split": cfg.split, "train": False, "sampler": test_sampler},
+    )
+    return {"train": train, "test": test}
+
+
+def data_config():
+    """Train's DataConfig, but the test set is split unequally: every test video is scored
+    exactly once (an equal split would drop up to world_size - 1 of them)."""
+    from ray.train import DataConfig
+
+    class EvalDataConfig(DataConfig):
+        def configure(self, datasets, world_size, worker_handles, worker_node_ids, **kwargs):
+            output = super().configure(
+                {k: v for k, v in datasets.items() if k != "test"},
+                world_size,
+                worker_handles,
+                worker_node_ids,
+                **kwargs,
+            )
+            if "test" in datasets:
+                ds = datasets["test"].copy(datasets["test"])
+                ds.context.execution_options = self._resolve_execution_options("test")
+                hints = worker_node_ids if self._enable_shard_locality else None
+                splits = ds.streaming_split(world_size, equal=False, locality_hints=hints)
+                for i, split in enumerate(splits):
+                    output[i]["test"] = split
+            return output
+
+    return EvalDataConfig()

@@ -1,0 +1,228 @@
+"""``train_loop_per_worker``: the Ray Train loop. Ray appears only at its edges (dataset
+shards, ``prepare_model``, ``report``, ``get_checkpoint``); the epoch and evaluation are the
+plain-PyTorch functions of ``stm.train.steps``.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from stm.config import TrainConfig, from_dict, to_dict
+from stm.model import build_model
+from stm.model.two_stream import TwoStreamNet
+from stm.train import tracking
+from stm.train.steps import accuracy, evaluate, lr_factor, streams_of, train_one_epoch
+
+log = logging.getLogger(__name__)
+
+CHECKPOINT_FILE = "checkpoint.pt"
+SCORE = "score"  # the metric that ranks checkpoints: fused (or the stage's stream) video accuracy
+
+
+def checkpoint_state(
+    model: TwoStreamNet,
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler,
+    epoch: int,
+    cfg: TrainConfig,
+    metrics: dict[str, float],
+) -> dict[str, Any]:
+    """A self-describing checkpoint: it alone rebuilds the model (it carries the config)."""
+    return {
+        "model": model.state_dict(),
+        "optimizer": optimizer.state_dict(),
+        "scheduler": scheduler.state_dict(),
+        "epoch": epoch,
+        "config": to_dict(cfg),
+        "metrics": dict(metrics),
+    }
+
+
+def load_checkpoint(path: str | Path) -> dict[str, Any]:
+    """A checkpoint file (or a directory holding ``checkpoint.pt``), tensors on the CPU."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / CHECKPOINT_FILE
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def model_from_checkpoint(path: str | Path) -> tuple[TwoStreamNet, TrainConfig]:
+    """Rebuild the trained network from a checkpoint alone."""
+    state = load_checkpoint(path)
+    cfg = from_dict(TrainConfig, state["config"])
+    model = build_model(cfg.model)
+    model.load_state_dict(state["model"])
+    return model, cfg
+
+
+def freeze_unused_stream(model: TwoStreamNet, stage: str) -> None:
+    """A stream-alone stage trains only its stream: the other one is frozen, so DDP and the
+    optimiser see only the parameters that receive gradients."""
+    for name in ("appearance", "motion"):
+        if name not in streams_of(stage):
+            for p in (*model.stream(name).parameters(), *model.temporal[name].parameters()):
+                p.requires_grad_(False)
+
+
+def _grad_sync_counter(model: torch.nn.Module) -> list[int]:
+    """Count DDP's gradient all-reduce rounds (bucket 0 of each synchronised backward)."""
+    from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
+
+    count = [0]
+
+    def hook(state, bucket):  # no annotations: DDP checks them, and they would be strings here
+        if bucket.index() == 0:
+            count[0] += 1
+        return allreduce_hook(state, bucket)
+
+    model.register_comm_hook(None, hook)
+    return count
+
+
+def _all_reduce(values: np.ndarray) -> np.ndarray:
+    if not (dist.is_available() and dist.is_initialized()):
+        return values
+    t = torch.from_numpy(np.ascontiguousarray(values, dtype=np.float64))
+    dist.all_reduce(t)
+    return t.numpy()
+
+
+def updates_per_epoch(num_train: int, world: int, cfg: TrainConfig) -> int:
+    """Optimiser updates in one epoch on every worker (equal shards, full micro-batches)."""
+    micro = (num_train // world) // cfg.bn_batch
+    return max(1, math.ceil(micro / cfg.accum_steps))
+
+
+def train_loop_per_worker(config: dict[str, Any]) -> None:
+    """The per-worker loop. ``config``: ``cfg`` (a TrainConfig dict), ``num_train`` (training
+    videos), ``class_names``, ``tracking_uri``, ``run_id`` and an optional ``init`` (an
+    object ref to a state dict that initialises a new run)."""
+    import ray.train
+    import ray.train.torch
+    from ray.train import Checkpoint
+
+    cfg = from_dict(TrainConfig, config["cfg"])
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    device = ray.train.torch.get_device()
+    cuda = device.type == "cuda"
+    if not cuda:
+        torch.set_num_threads(max(1, int(round(cfg.cpus_per_worker))))
+    torch.manual_seed(cfg.seed)
+
+    model = build_model(cfg.model)
+    freeze_unused_stream(model, cfg.stage)
+    upe = updates_per_epoch(config["num_train"], world, cfg)
+
+    resume = ray.train.get_checkpoint()
+    state = None
+    if resume is not None:
+        with resume.as_directory() as d:
+            state = load_checkpoint(d)
+        model.load_state_dict(state["model"])
+    elif config.get("init") is not None:
+        import ray
+
+        init = ray.get(config["init"])
+        missing, unexpected = model.load_state_dict(init, strict=False)
+        if unexpected:
+            raise ValueError(f"initial weights do not fit the model: {unexpected[:5]}")
+    if cuda:
+        model = model.to(memory_format=torch.channels_last)
+    ddp = ray.train.torch.prepare_model(model)
+    net: TwoStreamNet = ddp.module if hasattr(ddp, "module") else ddp
+    syncs = _grad_sync_counter(ddp) if hasattr(ddp, "no_sync") else None
+
+    params = [p for p in net.parameters() if p.requires_grad]
+    optimizer = torch.optim.SGD(
+        params, lr=cfg.base_lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay
+    )
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda u: lr_factor(u, upe, cfg.lr_milestones)
+    )
+    start_epoch = 1
+    if state is not None:
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        start_epoch = state["epoch"] + 1
+        log.info(
+            "rank %d resumes at epoch %d (lr %.2e)", rank, start_epoch, scheduler.get_last_lr()[0]
+        )
+
+    train_shard = ray.train.get_dataset_shard("train")
+    test_shard = ray.train.get_dataset_shard("test")
+    uri, run_id = config["tracking_uri"], config["run_id"]
+    class_names = config["class_names"]
+    for epoch in range(start_epoch, cfg.epochs + 1):
+        lr = scheduler.get_last_lr()[0]
+        syncs_before = syncs[0] if syncs else 0
+        batches = train_shard.iter_torch_batches(
+            batch_size=cfg.bn_batch, drop_last=True, local_shuffle_buffer_size=4 * cfg.bn_batch
+        )
+        stats = train_one_epoch(
+            ddp,
+            batches,
+            optimizer,
+            scheduler,
+            stage=cfg.stage,
+            accum_steps=cfg.accum_steps,
+            device=device,
+            bf16=cuda,
+        )
+        # Sum the workers' counts, then form the metrics.
+        keys = sorted(stats.correct)
+        sums = _all_reduce(
+            np.array([stats.loss, stats.videos, stats.seconds, *[stats.correct[k] for k in keys]])
+        )
+        videos = max(sums[1], 1.0)
+        metrics: dict[str, float] = {
+            "epoch": float(epoch),
+            "lr": lr,
+            "train_loss": sums[0] / videos,
+            "train_clips_per_s": sums[1] * cfg.num_chunks / max(sums[2] / world, 1e-9),
+            "updates": float(stats.updates),
+        }
+        for k, c in zip(keys, sums[3:]):
+            metrics[f"train_clip_acc_{k}"] = c / videos
+        if syncs is not None:
+            metrics["grad_syncs"] = float(syncs[0] - syncs_before)
+
+        test_batches = test_shard.iter_torch_batches(batch_size=1)
+        confusions = evaluate(
+            net,
+            test_batches,
+            stage=cfg.stage,
+            num_classes=cfg.model.num_classes,
+            device=device,
+            bf16=cuda,
+        )
+        names = sorted(confusions)
+        stacked = _all_reduce(np.stack([confusions[n] for n in names]).astype(np.float64))
+        confusions = {n: stacked[i].astype(np.int64) for i, n in enumerate(names)}
+        for n, c in confusions.items():
+            metrics[f"test_video_acc_{n}"] = accuracy(c)
+        metrics["test_videos"] = float(next(iter(confusions.values())).sum())
+        metrics[SCORE] = metrics.get("test_video_acc_fused", metrics[f"test_video_acc_{cfg.stage}"])
+
+        with tempfile.TemporaryDirectory() as tmp:
+            checkpoint = None
+            if rank == 0:
+                torch.save(
+                    checkpoint_state(net, optimizer, scheduler, epoch, cfg, metrics),
+                    os.path.join(tmp, CHECKPOINT_FILE),
+                )
+                checkpoint = Checkpoint.from_directory(tmp)
+                tracking.log_metrics(uri, run_id, metrics, step=epoch)
+                if epoch == cfg.epochs:
+                    tracking.log_evaluation(uri, run_id, confusions, class_names)
+                log.info("epoch %d: %s", epoch, {k: round(v, 4) for k, v in metrics.items()})
+            ray.train.report(metrics, checkpoint=checkpoint)

@@ -1,0 +1,239 @@
+"""The training driver: data (the embedded synthetic dataset when none is given), MLflow run,
+Ray Train's TorchTrainer with failure handling, checkpoint ranking and resume."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from stm.cli import UsageError
+from stm.config import TrainConfig, to_dict
+from stm.data.shards import list_parquet, read_classes, resolve
+from stm.train import tracking
+from stm.train.ingest import build_datasets, data_config, split_sizes
+from stm.train.loop import SCORE, load_checkpoint, train_loop_per_worker
+
+log = logging.getLogger(__name__)
+
+SYNTHETIC_DIR = Path("data")  # the embedded default dataset, under the working directory
+LATEST_FILE = "LATEST"  # in the storage path: the name of the newest run, for --resume
+
+
+@dataclass(frozen=True)
+class RunSummary:
+    name: str
+    run_id: str
+    tracking_uri: str
+    storage: str
+    metrics: dict[str, float]
+    best_checkpoint: str
+    seconds: float
+
+
+def prepare_synthetic(cfg: TrainConfig) -> TrainConfig:
+    """Generate and preprocess the synthetic dataset when no data is given (kept for reruns)."""
+    from stm.data.preprocess import PreprocessConfig, run_preprocess
+
+    out = (Path.cwd() / SYNTHETIC_DIR / "synthetic").resolve()
+    if not (out / "classes.json").is_file() or not list(out.glob("shards/*.parquet")):
+        print(f"preparing the synthetic dataset in {out} (first run only)", flush=True)
+        run_preprocess(
+            PreprocessConfig(
+                source="synthetic",
+                root=str(out.parent / "synthetic-videos"),
+                out=str(out),
+                flow="tvl1",
+            )
+        )
+    return dataclasses.replace(cfg, data=str(out))
+
+
+def _storage(cfg: TrainConfig) -> str:
+    if "://" in cfg.storage_path:
+        return cfg.storage_path.rstrip("/")
+    return str(Path(cfg.storage_path).resolve())
+
+
+def _read_text(uri: str) -> str | None:
+    fs, path = resolve(uri)
+    try:
+        with fs.open_input_stream(path) as f:
+            return f.read().decode().strip()
+    except (FileNotFoundError, OSError):
+        return None
+
+
+def _write_text(uri: str, text: str) -> None:
+    from stm.data.shards import write_bytes_atomic
+
+    fs, path = resolve(uri)
+    fs.create_dir(path.rsplit("/", 1)[0], recursive=True)
+    write_bytes_atomic(fs, path, text.encode())
+
+
+def validate_data(cfg: TrainConfig) -> tuple[list[str], int, int]:
+    """Class names and split sizes; one-line usage errors for data that cannot train."""
+    fs, root = resolve(cfg.data)
+    try:
+        shards = list_parquet(fs, f"{root.rstrip('/')}/shards")
+    except (FileNotFoundError, OSError):
+        shards = []
+    if not shards:
+        raise UsageError(f"--data {cfg.data}: no shards (run jobs/preprocess.py --out {cfg.data})")
+    classes = read_classes(cfg.data)
+    num_train, num_test = split_sizes(cfg.data, cfg.split)
+    if num_train == 0 or num_test == 0:
+        raise UsageError(
+            f"--split {cfg.split}: the data has {num_train} training and {num_test} test videos"
+        )
+    if num_train // cfg.num_workers < cfg.bn_batch:
+        raise UsageError(
+            f"{num_train} training videos are too few for {cfg.num_workers} workers with "
+            f"--bn-batch {cfg.bn_batch}"
+        )
+    return classes, num_train, num_test
+
+
+def initial_state(cfg: TrainConfig, uri: str) -> tuple[dict[str, Any] | None, str]:
+    """The fused stage's starting weights (Sect. 4.1): the two stream runs' checkpoints, else
+    ImageNet when its files are present, else none (from scratch). Returns (state, source)."""
+    from stm.model import build_model
+    from stm.model.imagenet import load_stream
+
+    state: dict[str, Any] = {}
+    sources = []
+    for stream, ref in (("appearance", cfg.appearance_init), ("motion", cfg.motion_init)):
+        if not ref:
+            continue
+        path = ref
+        if not Path(ref).exists() and "://" not in ref:  # an MLflow run id
+            try:
+                path = tracking.download_checkpoint(uri, ref, tempfile.mkdtemp(prefix="stm-init-"))
+            except Exception as err:  # noqa: BLE001
+                raise UsageError(
+                    f"--{stream}-init {ref}: no such file or MLflow run ({err})"
+                ) from None
+        ckpt = load_checkpoint(path)
+        prefixes = (f"{stream}.", f"temporal.{stream}.")
+        state.update({k: v for k, v in ckpt["model"].items() if k.startswith(prefixes)})
+        sources.append(f"{stream} from {ref}")
+    if state:
+        return state, ", ".join(sources)
+    model = build_model(cfg.model)
+    try:
+        load_stream(model.appearance, cfg.model.appearance_arch, cfg.imagenet_dir or None)
+        load_stream(model.motion, cfg.model.motion_arch, cfg.imagenet_dir or None)
+    except FileNotFoundError as err:
+        log.info("%s", err)
+        return None, f"scratch ({err})"
+    keep = ("appearance.", "motion.")
+    return {k: v for k, v in model.state_dict().items() if k.startswith(keep)}, "ImageNet"
+
+
+def run_training(cfg: TrainConfig, *, resume: bool = False) -> RunSummary:
+    """Train (or resume) one run and return its summary; usage errors raise ``UsageError``."""
+    import ray
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    started = time.time()
+    if not ray.is_initialized():
+        ray.init(log_to_driver=True)
+    if not cfg.data:
+        cfg = prepare_synthetic(cfg)
+    classes, num_train, num_test = validate_data(cfg)
+    if cfg.model.num_classes != len(classes):
+        cfg = dataclasses.replace(
+            cfg, model=dataclasses.replace(cfg.model, num_classes=len(classes))
+        )
+    uri = tracking.resolve_uri(cfg.mlflow_uri)
+    try:
+        tracking.check_reachable(uri)
+    except tracking.TrackingUnavailable as err:
+        raise UsageError(str(err)) from None
+
+    storage = _storage(cfg)
+    if resume:
+        name = cfg.name or _read_text(f"{storage}/{LATEST_FILE}")
+        run_id = _read_text(f"{storage}/{name}/{tracking.RUN_ID_FILE}") if name else None
+        if not name or not run_id:
+            raise UsageError(f"--resume: no run {cfg.name or '(latest)'} under {storage}")
+        cfg = dataclasses.replace(cfg, name=name)
+        tracking.set_tags(uri, run_id, {"resumed": time.strftime("%Y-%m-%d %H:%M:%S")})
+    else:
+        name = cfg.name or f"{cfg.stage}-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}"
+        if _read_text(f"{storage}/{name}/{tracking.RUN_ID_FILE}"):
+            raise UsageError(f"run {name} exists under {storage}: pass --resume to continue it")
+        cfg = dataclasses.replace(cfg, name=name)
+        tags = {"stage": cfg.stage, "variant": cfg.model.variant, "storage": f"{storage}/{name}"}
+        run_id = tracking.start_run(uri, cfg.experiment, name, to_dict(cfg), tags)
+        _write_text(f"{storage}/{name}/{tracking.RUN_ID_FILE}", run_id)
+    _write_text(f"{storage}/{LATEST_FILE}", name)
+    print(
+        f"MLflow run {run_id} ({uri}); open it with: mlflow ui --backend-store-uri {uri}",
+        flush=True,
+    )
+
+    init, source = (None, "checkpoint") if resume else initial_state(cfg, uri)
+    if not resume:
+        tracking.set_tags(uri, run_id, {"init": source})
+    loop_config = {
+        "cfg": to_dict(cfg),
+        "num_train": num_train,
+        "class_names": classes,
+        "tracking_uri": uri,
+        "run_id": run_id,
+        "init": ray.put(init) if init is not None else None,
+    }
+    resources = {"CPU": cfg.cpus_per_worker}
+    if cfg.gpus_per_worker:
+        resources["GPU"] = cfg.gpus_per_worker
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config=loop_config,
+        scaling_config=ScalingConfig(
+            num_workers=cfg.num_workers,
+            use_gpu=cfg.gpus_per_worker > 0,
+            resources_per_worker=resources,
+        ),
+        run_config=RunConfig(
+            name=name,
+            storage_path=storage,
+            checkpoint_config=CheckpointConfig(
+                num_to_keep=cfg.keep_checkpoints,
+                checkpoint_score_attribute=SCORE,
+                checkpoint_score_order="max",
+            ),
+            failure_config=FailureConfig(max_failures=cfg.max_failures),
+        ),
+        datasets=build_datasets(cfg),
+        dataset_config=data_config(),
+    )
+    try:
+        result = trainer.fit()
+    except Exception:
+        tracking.end_run(uri, run_id, "FAILED")
+        raise
+    best = ""
+    if result.best_checkpoints:
+        checkpoint, _ = max(result.best_checkpoints, key=lambda cm: cm[1].get(SCORE, -1.0))
+        best = checkpoint.path
+        with checkpoint.as_directory() as d:
+            tracking.log_artifacts(uri, run_id, d, "best_checkpoint")
+    metrics = dict(result.metrics or {})
+    tracking.end_run(uri, run_id)
+    return RunSummary(
+        name=name,
+        run_id=run_id,
+        tracking_uri=uri,
+        storage=f"{storage}/{name}",
+        metrics=metrics,
+        best_checkpoint=best,
+        seconds=time.time() - started,
+    )

@@ -1,0 +1,206 @@
+"""The training step, the epoch and evaluation in plain PyTorch (no Ray): the Ray Train loop
+and the benchmarks call these with iterables of batches.
+
+Gradient accumulation: an update sees ``batch_size`` videos, but BatchNorm sees only
+``bn_batch`` videos per forward/backward (Sect. 4.1: small BN batches regularise). Under DDP
+the micro-batches of one update run under ``no_sync`` and the gradients are all-reduced once,
+with the last micro-batch's backward.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import time
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from stm.data.clips import to_model_inputs
+from stm.model import fuse_scores
+from stm.model.two_stream import StreamScores
+
+STREAM_NAMES = ("appearance", "motion")
+
+
+def streams_of(stage: str) -> tuple[str, ...]:
+    """The streams a stage trains and scores: one alone, or both (fused)."""
+    return STREAM_NAMES if stage == "fused" else (stage,)
+
+
+def lr_factor(update: int, updates_per_epoch: int, milestones: tuple[int, ...]) -> float:
+    """Step decay by 10 at each milestone epoch, as a pure function of the update count."""
+    epoch = update / max(updates_per_epoch, 1)
+    return 0.1 ** sum(epoch >= m for m in milestones)
+
+
+def model_inputs(
+    batch: dict[str, torch.Tensor], stage: str, device: torch.device
+) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """uint8 clips of a batch to the model's float inputs on ``device`` (None for a stream the
+    stage does not use). The uint8 tensors travel; normalisation happens on the device."""
+    streams = streams_of(stage)
+    rgb = batch["rgb"].to(device, non_blocking=True) if "appearance" in streams else None
+    flow = batch["flow"].to(device, non_blocking=True) if "motion" in streams else None
+    none = torch.zeros(1, 3, 1, 1, dtype=torch.uint8, device=device)  # stands in for a stream
+    rgb_f, flow_f = to_model_inputs(none if rgb is None else rgb, none if flow is None else flow)
+    return (None if rgb is None else rgb_f), (None if flow is None else flow_f)
+
+
+def loss_of(scores: StreamScores, labels: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Each stream's own cross-entropy (the streams keep their own classifier and loss)."""
+    return {
+        name: F.cross_entropy(getattr(scores, name).float(), labels)
+        for name in STREAM_NAMES
+        if getattr(scores, name) is not None
+    }
+
+
+@dataclass
+class EpochStats:
+    """Running sums of one training epoch on one worker."""
+
+    loss: float = 0.0
+    videos: int = 0
+    correct: dict[str, int] = field(default_factory=dict)
+    updates: int = 0
+    seconds: float = 0.0
+
+    def as_metrics(self) -> dict[str, float]:
+        m = {"train_loss": self.loss / max(self.videos, 1), "train_videos": float(self.videos)}
+        for name, c in self.correct.items():
+            m[f"train_clip_acc_{name}"] = c / max(self.videos, 1)
+        m["train_clips_per_s"] = self.videos / max(self.seconds, 1e-9)
+        return m
+
+
+def _groups(batches: Iterable, size: int) -> Iterator[list]:
+    group: list = []
+    for b in batches:
+        group.append(b)
+        if len(group) == size:
+            yield group
+            group = []
+    if group:
+        yield group
+
+
+def train_one_epoch(
+    model: nn.Module,
+    batches: Iterable[dict[str, torch.Tensor]],
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler,
+    *,
+    stage: str,
+    accum_steps: int,
+    device: torch.device,
+    bf16: bool = False,
+    on_update: Callable[[int], None] | None = None,
+) -> EpochStats:
+    """One pass over ``batches`` (micro-batches of ``bn_batch`` videos), one optimiser update
+    per ``accum_steps`` micro-batches. The loss of each micro-batch is scaled by
+    1/accum_steps, so an update's gradient is the mean over its videos, as one big batch's.
+
+    A trailing group of fewer micro-batches (only at the end of an epoch) still makes an
+    update, its gradient rescaled to a mean; every worker sees the same number of
+    micro-batches (equal shards), so DDP's collective calls stay matched.
+    """
+    model.train()
+    stats = EpochStats(correct={n: 0 for n in (*streams_of(stage), "fused")})
+    start = time.perf_counter()
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
+    for group in _groups(batches, accum_steps):
+        optimizer.zero_grad(set_to_none=True)
+        for i, batch in enumerate(group):
+            last = i == len(group) - 1
+            sync = contextlib.nullcontext() if last or not hasattr(model, "no_sync") else None
+            with sync or model.no_sync():
+                labels = batch["label"].to(device)
+                rgb, flow = model_inputs(batch, stage, device)
+                with autocast:
+                    scores = model(rgb, flow)
+                losses = loss_of(scores, labels)
+                loss = sum(losses.values())
+                (loss * (1.0 / len(group))).backward()
+            n = labels.shape[0]
+            stats.loss += float(loss.detach()) * n
+            stats.videos += n
+            for name in streams_of(stage):
+                pred = getattr(scores, name).argmax(-1)
+                stats.correct[name] += int((pred == labels).sum())
+            if stage == "fused":
+                stats.correct["fused"] += int((fuse_scores(scores).argmax(-1) == labels).sum())
+        optimizer.step()
+        scheduler.step()
+        stats.updates += 1
+        if on_update is not None:
+            on_update(stats.updates)
+    if stage != "fused":
+        stats.correct.pop("fused")
+    stats.seconds = time.perf_counter() - start
+    return stats
+
+
+@torch.no_grad()
+def video_scores(
+    model: nn.Module, rgb: torch.Tensor | None, flow: torch.Tensor | None, bf16: bool = False
+) -> dict[str, torch.Tensor]:
+    """Per-video class probabilities of the paper's test protocol.
+
+    Args:
+        rgb, flow: float inputs of B videos, (B, V, T, C, H, W): V views (the full frame and its
+            flip, or 10 crops), T = 25 chunks each. Each view runs as one video through the
+            fully convolutional network (temporal filters and time pooling over its T chunks).
+
+    Returns:
+        {"appearance" / "motion": (B, K) softmax scores averaged over views (space and time are
+        averaged inside the network), "fused": the two averaged}.
+    """
+    x = rgb if rgb is not None else flow
+    b, v = x.shape[:2]
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
+    with autocast:
+        scores = model(
+            None if rgb is None else rgb.flatten(0, 1),  # (B*V, T, 3, H, W)
+            None if flow is None else flow.flatten(0, 1),  # (B*V, T, 2L, H, W)
+        )
+    out = {}
+    for name in STREAM_NAMES:
+        s = getattr(scores, name)
+        if s is not None:
+            out[name] = s.float().softmax(-1).reshape(b, v, -1).mean(1)  # (B, K)
+    if len(out) == 2:
+        out["fused"] = (out["appearance"] + out["motion"]) / 2
+    return out
+
+
+def evaluate(
+    model: nn.Module,
+    batches: Iterable[dict[str, torch.Tensor]],
+    *,
+    stage: str,
+    num_classes: int,
+    device: torch.device,
+    bf16: bool = False,
+) -> dict[str, np.ndarray]:
+    """Confusion matrices (K, K; rows = true class) of each scored stream and of the fusion
+    over the test videos in ``batches`` (this worker's share)."""
+    model.eval()
+    names = (*streams_of(stage), "fused") if stage == "fused" else streams_of(stage)
+    confusion = {n: torch.zeros(num_classes, num_classes, dtype=torch.int64) for n in names}
+    for batch in batches:
+        labels = batch["label"].cpu()
+        rgb, flow = model_inputs(batch, stage, device)
+        for name, probs in video_scores(model, rgb, flow, bf16).items():
+            pred = probs.argmax(-1).cpu()
+            confusion[name].index_put_((labels, pred), torch.ones_like(labels), accumulate=True)
+    return {n: c.numpy() for n, c in confusion.items()}
+
+
+def accuracy(confusion: np.ndarray) -> float:
+    total = confusion.sum()
+    return float(np.trace(confusion) / total) if total else math.nan

@@ -1,0 +1,210 @@
+"""MLflow: one run per training, written by the driver (creation, the best checkpoint) and by
+rank 0 of the worker group (per-epoch metrics, the confusion matrix). No global MLflow state:
+every call names its tracking URI and run id, so it works the same in any Ray worker.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+log = logging.getLogger(__name__)
+
+RUN_ID_FILE = "mlflow_run_id"
+
+
+class TrackingUnavailable(RuntimeError):
+    """The tracking store cannot be reached or written (a one-line message)."""
+
+
+def resolve_uri(uri: str = "") -> str:
+    """The tracking URI: the flag, else $MLFLOW_TRACKING_URI, else MLflow's own local default
+    (``mlflow.db`` in the working directory) made absolute, because Ray workers change
+    directory."""
+    uri = uri or os.environ.get("MLFLOW_TRACKING_URI", "")
+    if not uri:
+        return f"sqlite:///{Path.cwd() / 'mlflow.db'}"
+    if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
+        return f"sqlite:///{Path(uri[len('sqlite:///') :]).resolve()}"
+    return uri
+
+
+def _client(uri: str):
+    from mlflow.tracking import MlflowClient
+
+    return MlflowClient(tracking_uri=uri)
+
+
+def check_reachable(uri: str, timeout_s: float = 10.0) -> None:
+    """Fail fast, in one line, when the tracking store cannot be used: a cluster's hours are
+    not spent untracked."""
+    if uri.startswith("sqlite:///"):
+        parent = Path(uri[len("sqlite:///") :]).parent
+        if not parent.is_dir() or not os.access(parent, os.W_OK):
+            raise TrackingUnavailable(f"MLflow store {uri}: folder {parent} is not writable")
+        return
+    saved = {
+        k: os.environ.get(k)
+        for k in ("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "MLFLOW_HTTP_REQUEST_TIMEOUT")
+    }
+    os.environ["MLFLOW_HTTP_REQUEST_MAX_RETRIES"] = "0"
+    os.environ["MLFLOW_HTTP_REQUEST_TIMEOUT"] = str(int(timeout_s))
+    try:
+        _client(uri).search_experiments(max_results=1)
+    except Exception as err:  # noqa: BLE001 - any failure means "not usable", said in one line
+        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise TrackingUnavailable(
+            f"MLflow tracking at {uri} is unreachable: {reason[:200]}"
+        ) from None
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+def experiment_id(uri: str, name: str) -> str:
+    """The experiment's id, created on first use; a local SQLite store gets its artifacts in
+    ``mlartifacts/`` beside the database (absolute, so workers find it)."""
+    client = _client(uri)
+    exp = client.get_experiment_by_name(name)
+    if exp is not None:
+        return exp.experiment_id
+    location = None
+    if uri.startswith("sqlite:///"):
+        location = (Path(uri[len("sqlite:///") :]).parent / "mlartifacts").as_uri()
+    try:
+        return client.create_experiment(name, artifact_location=location)
+    except Exception:  # created concurrently by another driver
+        exp = client.get_experiment_by_name(name)
+        if exp is None:
+            raise
+        return exp.experiment_id
+
+
+def flatten(params: Mapping[str, Any], prefix: str = "") -> dict[str, str]:
+    """Nested config dicts to MLflow params (``model.fusion``), values as strings."""
+    out: dict[str, str] = {}
+    for k, v in params.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, Mapping):
+            out.update(flatten(v, f"{key}."))
+        else:
+            out[key] = str(v)
+    return out
+
+
+def start_run(
+    uri: str,
+    experiment: str,
+    run_name: str,
+    params: Mapping[str, Any],
+    tags: Mapping[str, str],
+    parent_run_id: str = "",
+) -> str:
+    """Create a run with every config value as a param; returns its id."""
+    from mlflow.entities import Param, RunTag
+
+    client = _client(uri)
+    all_tags = dict(tags)
+    if parent_run_id:
+        all_tags["mlflow.parentRunId"] = parent_run_id
+    run = client.create_run(experiment_id(uri, experiment), run_name=run_name, tags=all_tags)
+    items = [Param(k, v[:6000]) for k, v in flatten(params).items()]
+    for i in range(0, len(items), 100):
+        client.log_batch(run.info.run_id, params=items[i : i + 100])
+    client.log_batch(run.info.run_id, tags=[RunTag("mlflow.runName", run_name)])
+    return run.info.run_id
+
+
+def log_metrics(uri: str, run_id: str, metrics: Mapping[str, float], step: int) -> None:
+    from mlflow.entities import Metric
+
+    now = int(time.time() * 1000)
+    items = [
+        Metric(k, float(v), now, step)
+        for k, v in metrics.items()
+        if isinstance(v, int | float) and np.isfinite(v)
+    ]
+    _client(uri).log_batch(run_id, metrics=items)
+
+
+def set_tags(uri: str, run_id: str, tags: Mapping[str, str]) -> None:
+    client = _client(uri)
+    for k, v in tags.items():
+        client.set_tag(run_id, k, v)
+
+
+def confusion_figure(confusion: np.ndarray, class_names: list[str], title: str):
+    """A confusion-matrix figure (rows: true class, columns: predicted), row-normalised."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    k = len(class_names)
+    rows = confusion.sum(1, keepdims=True).clip(min=1)
+    size = min(4 + 0.25 * k, 30)
+    fig, ax = plt.subplots(figsize=(size, size))
+    ax.imshow(confusion / rows, cmap="Blues", vmin=0, vmax=1)
+    ticks = range(k)
+    fontsize = max(3, min(9, 400 // max(k, 1)))
+    ax.set_xticks(ticks, class_names, rotation=90, fontsize=fontsize)
+    ax.set_yticks(ticks, class_names, fontsize=fontsize)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    ax.set_title(title)
+    fig.tight_layout()
+    return fig
+
+
+def per_class_table(confusions: Mapping[str, np.ndarray], class_names: list[str]) -> dict:
+    """{"class": [...], "videos": [...], "<stream>_acc": [...]} for ``mlflow`` tables."""
+    first = next(iter(confusions.values()))
+    table: dict[str, list] = {"class": list(class_names), "videos": first.sum(1).tolist()}
+    for name, c in confusions.items():
+        rows = c.sum(1)
+        table[f"{name}_acc"] = [
+            float(c[i, i] / rows[i]) if rows[i] else None for i in range(len(rows))
+        ]
+    return table
+
+
+def log_evaluation(
+    uri: str, run_id: str, confusions: Mapping[str, np.ndarray], class_names: list[str]
+) -> None:
+    """The confusion-matrix image of the fused (or only) score and the per-class accuracy table."""
+    import matplotlib.pyplot as plt
+
+    client = _client(uri)
+    name = "fused" if "fused" in confusions else next(iter(confusions))
+    fig = confusion_figure(confusions[name], class_names, f"confusion ({name})")
+    client.log_figure(run_id, fig, "confusion_matrix.png")
+    plt.close(fig)
+    table = per_class_table(confusions, class_names)
+    client.log_text(run_id, json.dumps(table, indent=1), "per_class_accuracy.json")
+    header = ",".join(table)
+    lines = [header] + [",".join(str(table[c][i]) for c in table) for i in range(len(class_names))]
+    client.log_text(run_id, "\n".join(lines) + "\n", "per_class_accuracy.csv")
+    client.log_dict(run_id, {n: c.tolist() for n, c in confusions.items()}, "confusion.json")
+
+
+def log_artifacts(uri: str, run_id: str, local_dir: str, artifact_path: str) -> None:
+    _client(uri).log_artifacts(run_id, local_dir, artifact_path)
+
+
+def end_run(uri: str, run_id: str, status: str = "FINISHED") -> None:
+    _client(uri).set_terminated(run_id, status=status)
+
+
+def download_checkpoint(uri: str, run_id: str, dst: str) -> str:
+    """The best checkpoint file a training run logged (``best_checkpoint/checkpoint.pt``)."""
+    return _client(uri).download_artifacts(run_id, "best_checkpoint/checkpoint.pt", dst)
