@@ -122,10 +122,16 @@ class PreprocessSummary:
         text = (
             f"videos ok {self.ok}, failed {self.failed} of {self.total} "
             f"({100 * self.failed_fraction:.1f}%, limit {100 * self.max_failures:.1f}%); "
-            f"this run: {self.processed} videos, {self.frames} frames, {rate:.1f} frames/s "
-            f"({self.pipeline_seconds:.1f} s of pipeline, {self.seconds:.1f} s in all), "
-            f"{self.skipped} already done; shards: {self.shards}"
         )
+        if self.processed:
+            text += (
+                f"this run: {self.processed} videos, {self.frames} frames, {rate:.1f} frames/s "
+                f"({self.pipeline_seconds:.1f} s of pipeline, {self.seconds:.1f} s in all), "
+                f"{self.skipped} were already done; "
+            )
+        else:
+            text += f"nothing left to do ({self.skipped} already done); "
+        text += f"shards: {self.shards}"
         if self.failed:
             text += f"; failures: {self.manifest} (status = 'failed')"
         return text
@@ -384,7 +390,9 @@ def _check_and_write_metadata(
     fs.create_dir(posixpath.join(root, S.SHARDS_DIR), recursive=True)
     fs.create_dir(posixpath.join(root, S.MANIFEST_DIR), recursive=True)
     S.write_json_atomic(fs, posixpath.join(root, S.CLASSES_FILE), list(listing.classes))
-    info = dict(old or {}, **settings, classes=len(listing.classes))
+    info = dict(
+        old or {}, **settings, classes=len(listing.classes), root=cfg.root, splits=cfg.splits
+    )
     info.setdefault("counts", {})
     info["shard_columns"] = S.SHARD_SCHEMA.names
     S.write_json_atomic(fs, posixpath.join(root, S.DATASET_FILE), info)
@@ -401,11 +409,8 @@ def _run_pipeline(
     import ray
     from ray.util.annotations import RayDeprecationWarning
 
-    if not ray.is_initialized():
-        if os.environ.get("RAY_ADDRESS"):
-            ray.init()
-        else:
-            ray.init(include_dashboard=False)
+    if not ray.is_initialized():  # RAY_ADDRESS or a `ray start` cluster, else a local instance
+        ray.init(include_dashboard=False)
     groups = [todo[i : i + cfg.videos_per_shard] for i in range(0, len(todo), cfg.videos_per_shard)]
     rows = [
         {
