@@ -1,0 +1,213 @@
+"""The preprocessing job on real local Ray: shards, manifest, bad inputs, resume after SIGKILL.
+
+Videos are tiny (48x32, 8-16 frames) and written by PyAV; flow is the default TV-L1.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pyarrow.dataset as pads
+import pyarrow.parquet as pq
+import pytest
+
+from stm.data import shards as S
+from stm.data.preprocess import PreprocessConfig, UsageError, run_preprocess
+from stm.data.sources import SYNTHETIC_CLASSES, generate_synthetic, write_video
+
+REPO = Path(__file__).resolve().parents[1]
+JOB = [sys.executable, str(REPO / "jobs" / "preprocess.py")]
+BAD = {  # video_id -> what the reason must mention
+    "red_down/red_down_corrupt": "cannot open",
+    "red_up/red_up_empty": "empty file",
+    "teal_up/teal_up_notes": "cannot open",
+    "teal_down/teal_down_cut": "",  # truncated MP4: its index (moov) is gone
+    "red_sideways/red_sideways_gone": "not found",
+}
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory) -> Path:
+    """A UCF101-style root: 6 good synthetic videos (8 frames), 4 bad files, 1 listed but absent."""
+    root = tmp_path_factory.mktemp("videos")
+    generate_synthetic(str(root), num_videos=6, width=48, height=32, num_frames=8)
+    rng = np.random.default_rng(0)
+    (root / "red_down" / "red_down_corrupt.avi").write_bytes(rng.bytes(5000))
+    (root / "red_up" / "red_up_empty.avi").write_bytes(b"")
+    (root / "teal_up" / "teal_up_notes.avi").write_text("these are not frames\n" * 20)
+    cut = root / "teal_down" / "teal_down_cut.mp4"
+    write_video(str(cut), rng.integers(0, 255, size=(8, 32, 48, 3), dtype=np.uint8))
+    cut.write_bytes(cut.read_bytes()[: cut.stat().st_size // 2])
+    with open(root / "trainlist01.txt", "a") as f:
+        f.write("red_down/red_down_corrupt.avi 1\r\nred_up/red_up_empty.avi 3\r\n")
+        f.write("teal_up/teal_up_notes.avi 6\r\nteal_down/teal_down_cut.mp4 4\r\n")
+    with open(root / "testlist01.txt", "a") as f:
+        f.write("red_sideways/red_sideways_gone.avi\r\n")
+    return root
+
+
+def config(root: Path, out: Path, **kw) -> PreprocessConfig:
+    return PreprocessConfig(
+        source="ucf101", root=str(root), splits=str(root), out=str(out), flow="tvl1",
+        short_side=24, videos_per_shard=2, **kw,
+    )  # fmt: skip
+
+
+def shard_ids(out: Path) -> list[str]:
+    return pads.dataset(str(out / "shards"), format="parquet").to_table()["video_id"].to_pylist()
+
+
+def manifest(out: Path) -> dict[str, dict]:
+    rows = pads.dataset(str(out / "manifest"), format="parquet").to_table().to_pylist()
+    assert len(rows) == len({r["video_id"] for r in rows}), "a video has two manifest rows"
+    return {r["video_id"]: r for r in rows}
+
+
+def test_shards_manifest_bad_inputs_and_rerun(ray_local, dataset: Path, tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    summary = run_preprocess(config(dataset, out))
+    assert (summary.total, summary.ok, summary.failed, summary.processed) == (11, 6, 5, 11)
+    assert not summary.passed  # 5/11 failed > 1%
+    assert summary.frames == 6 * 8
+
+    # shards: plain Parquet, one row per good video, N frames, N-1 flow frames, resized
+    table = pads.dataset(str(out / "shards"), format="parquet").to_table()
+    assert sorted(table["video_id"].to_pylist()) == sorted(
+        f"{c}/{c}_000" for c in SYNTHETIC_CLASSES
+    )
+    for row in table.to_pylist():
+        assert row["num_frames"] == len(row["rgb"]) == 8
+        assert len(row["flow_u"]) == len(row["flow_v"]) == 7
+        assert (row["height"], row["width"], row["fps"]) == (24, 36, 25.0)
+        assert row["class_name"] == SYNTHETIC_CLASSES[row["label"]]
+        assert (row["train_splits"], row["test_splits"]) == ([1], [])
+        assert S.decode_jpeg(row["rgb"][3]).shape == (24, 36, 3)
+        assert S.decode_jpeg(row["flow_v"][6], gray=True).shape == (24, 36)
+    assert table.schema.equals(S.SHARD_SCHEMA, check_metadata=False)
+
+    # manifest: one row per input video, reasons for the failed ones, shard of the ok ones
+    rows = manifest(out)
+    assert len(rows) == 11
+    for vid, needle in BAD.items():
+        assert rows[vid]["status"] == "failed" and rows[vid]["shard"] == ""
+        assert needle in rows[vid]["error"] and rows[vid]["error"]
+    for vid in shard_ids(out):
+        assert rows[vid]["status"] == "ok" and (out / "shards" / rows[vid]["shard"]).exists()
+    assert json.loads((out / "classes.json").read_text()) == list(SYNTHETIC_CLASSES)
+    info = S.read_dataset_info(str(out))
+    assert (info["source"], info["flow"], info["short_side"], info["num_splits"]) == (
+        "ucf101", "tvl1", 24, 1,
+    )  # fmt: skip
+    assert info["counts"] == {"videos": 11, "ok": 6, "failed": 5}
+
+    # damage of the kind an interruption leaves: a temp file, an unreadable shard, a shard whose
+    # manifest part was never written. A rerun repairs it all and computes no flow.
+    parts = {r["shard"] for r in rows.values()} - {""}
+    all_ok = [
+        p
+        for p in parts
+        if all(r["status"] == "ok" for r in pq.read_table(out / "manifest" / p).to_pylist())
+    ]
+    (out / "manifest" / all_ok[0]).unlink()
+    (out / "shards" / ".tmp-0123-part-x.parquet").write_bytes(b"half a file")
+    (out / "shards" / "part-broken.parquet").write_bytes(b"not parquet")
+    again = run_preprocess(config(dataset, out))
+    assert (again.processed, again.skipped, again.ok, again.failed) == (0, 11, 6, 5)
+    assert manifest(out).keys() == rows.keys()
+    assert not list((out / "shards").glob(".tmp-*"))
+    assert (out / "shards" / "_unreadable-part-broken.parquet").exists()
+
+    # the job's exit status follows --max-failures; failures are printed one per line
+    cli = [*JOB, "--source", "ucf101", "--root", str(dataset), "--splits", str(dataset)]
+    cli += ["--out", str(out), "--short-side", "24"]
+    run = subprocess.run(cli, capture_output=True, text=True, timeout=120)
+    assert run.returncode == 1, run.stderr
+    assert "failed: red_up/red_up_empty: empty file (0 bytes)" in run.stdout
+    assert "videos ok 6, failed 5 of 11" in run.stdout and "nothing left to do" in run.stdout
+    run = subprocess.run([*cli, "--max-failures", "0.5"], capture_output=True, timeout=120)
+    assert run.returncode == 0
+
+    # --retry-failed works on the failed videos again (and they fail again)
+    retried = run_preprocess(config(dataset, out, retry_failed=True))
+    assert (retried.processed, retried.ok, retried.failed) == (5, 6, 5)
+    assert manifest(out).keys() == rows.keys()
+    assert sorted(shard_ids(out)) == sorted(set(shard_ids(out)))
+
+    # a different flow algorithm into the same OUT is refused
+    with pytest.raises(UsageError, match="flow=tvl1"):
+        run_preprocess(dataclasses.replace(config(dataset, out), flow="dis"))
+
+
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (["--source", "kinetics", "--root", "."], "unknown source 'kinetics'"),
+        (["--source", "folder", "--root", "/no/such/dir"], "is not an existing directory"),
+        (["--source", "ucf101", "--root", "."], "classInd.txt not found"),
+        (["--source", "synthetic", "--flow", "raft"], "unknown flow 'raft'"),
+        (["--source", "synthetic", "--short-side"], "expected one argument"),
+    ],
+)
+def test_usage_errors_are_one_line_with_status_2(args, message, tmp_path: Path) -> None:
+    run = subprocess.run(
+        [*JOB, *args, "--out", str(tmp_path / "out")],
+        capture_output=True, text=True, timeout=60, cwd=tmp_path,
+    )  # fmt: skip
+    assert run.returncode == 2
+    lines = [ln for ln in run.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1 and message in lines[0], run.stderr
+    assert "Traceback" not in run.stderr
+
+
+def test_killed_driver_resumes_without_duplicates(ray_local, tmp_path: Path) -> None:
+    """SIGKILL the job's driver mid-run, rerun the same command: every video exactly once,
+    every file readable, finished videos not recomputed; a third run does no flow work."""
+    root = tmp_path / "videos"
+    generate_synthetic(str(root), num_videos=8, width=48, height=32, num_frames=16)
+    out = tmp_path / "out"
+    cmd = [*JOB, "--source", "ucf101", "--root", str(root), "--out", str(out)]
+    cmd += ["--short-side", "32", "--videos-per-shard", "1", "--workers", "2"]
+    env = dict(
+        os.environ,
+        RAY_ADDRESS=ray_local.get_runtime_context().gcs_address,  # the test session's cluster
+        RAY_AUTH_MODE="token",
+    )
+    job = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 120
+        while len(list((out / "shards").glob("part-*.parquet"))) < 3:
+            assert job.poll() is None, "the job ended before it could be killed"
+            assert time.monotonic() < deadline
+            time.sleep(0.02)
+        job.send_signal(signal.SIGKILL)
+    finally:
+        job.kill()
+        job.wait()
+    before = {p.name: p.stat().st_mtime_ns for p in (out / "shards").glob("part-*.parquet")}
+    assert 3 <= len(before) < 8
+
+    run = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stdout + run.stderr
+    assert f"{len(before)} were already done" in run.stdout
+    ids = shard_ids(out)
+    assert len(ids) == 8 and Counter(ids).most_common(1)[0][1] == 1
+    for path in (out / "shards").glob("*.parquet"):
+        pq.read_table(path)  # readable
+    for name, mtime in before.items():  # finished videos were not redone
+        assert (out / "shards" / name).stat().st_mtime_ns == mtime
+    rows = manifest(out)
+    assert len(rows) == 8 and {r["status"] for r in rows.values()} == {"ok"}
+
+    run = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0 and "nothing left to do (8 already done)" in run.stdout
+    logs = run.stdout + run.stderr
+    assert "Starting execution of Dataset" not in logs and "Ray instance" not in logs
