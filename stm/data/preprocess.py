@@ -26,7 +26,7 @@ import shutil
 import tempfile
 import time
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 
 import cv2
@@ -106,6 +106,7 @@ class PreprocessSummary:
     manifest: str  # OUT/manifest
     failures: list[tuple[str, str]] = field(default_factory=list)  # (video_id, reason), first 20
     max_failures: float = 0.01
+    worker_seconds: float = 0.0  # summed over videos: decode + flow + JPEG + write, in the actors
 
     @property
     def failed_fraction(self) -> float:
@@ -303,13 +304,14 @@ def run_preprocess(cfg: PreprocessConfig) -> PreprocessSummary:
             [_failed_row(it.video_id, it.missing) for it in missing],
         )
     todo = [it for it in todo if not it.missing]
-    frames, pipeline_seconds = 0, 0.0
+    frames, pipeline_seconds, worker_seconds = 0, 0.0, 0.0
     if todo:
-        frames, pipeline_seconds = _run_pipeline(cfg, fs, root, todo)
+        frames, pipeline_seconds, worker_seconds = _run_pipeline(cfg, fs, root, todo)
         _repair(fs, root)
 
     summary = _summarise(fs, root, cfg, listing, skipped, len(todo) + len(missing), start)
     summary.frames, summary.pipeline_seconds = frames, pipeline_seconds
+    summary.worker_seconds = worker_seconds
     info = S.read_json(fs, posixpath.join(root, S.DATASET_FILE)) or {}
     info["counts"] = {"videos": summary.total, "ok": summary.ok, "failed": summary.failed}
     S.write_json_atomic(fs, posixpath.join(root, S.DATASET_FILE), info)
@@ -404,8 +406,11 @@ def _failed_row(video_id: str, reason: str) -> dict:
 
 def _run_pipeline(
     cfg: PreprocessConfig, fs: pafs.FileSystem, root: str, todo: Sequence[VideoItem]
-) -> tuple[int, float]:
-    """Run the Ray Data pipeline over ``todo``; return (frames decoded, seconds)."""
+) -> tuple[int, float, float]:
+    """Run the Ray Data pipeline over ``todo``.
+
+    Returns (frames decoded, pipeline wall seconds, per-video seconds summed over the videos).
+    """
     import ray
     from ray.util.annotations import RayDeprecationWarning
 
@@ -451,10 +456,11 @@ def _run_pipeline(
             num_cpus=1,
             max_task_retries=MAX_TASK_RETRIES,
         )
-    frames, seen = 0, set()
-    for result in _iter_results(ds):
+    frames, busy, seen = 0, 0.0, set()
+    for result in ds.iter_rows():
         seen.add(result[S.VIDEO_ID])
         frames += int(result["num_frames"])
+        busy += float(result["seconds"])
     lost = [it for it in todo if it.video_id not in seen]
     if lost:
         logger.error("%d videos got no result (their group failed after retries)", len(lost))
@@ -464,11 +470,7 @@ def _run_pipeline(
             group_name([it.video_id for it in lost], "lost"),
             [_failed_row(it.video_id, LOST_REASON) for it in lost],
         )
-    return frames, time.perf_counter() - start
-
-
-def _iter_results(ds) -> Iterator[dict]:
-    yield from ds.iter_rows()
+    return frames, time.perf_counter() - start, busy
 
 
 # --- resume: make OUT consistent and find what is done -----------------------------------------
