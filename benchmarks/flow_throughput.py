@@ -3,7 +3,8 @@
 For each algorithm, on the same synthetic videos and with the same number of processes:
 
 - bare:     a process pool; each process calls the OpenCV flow on every consecutive pair of
-            already decoded grayscale frames (flow only, nothing else);
+            already decoded grayscale frames (flow only, nothing else); measured before and after
+            the pipeline and averaged, as other load on the machine drifts;
 - pipeline: ``run_preprocess`` on those videos: decode, flow, quantise, JPEG, Parquet writes,
             with Ray Data's actor start-up included.
 
@@ -58,7 +59,7 @@ def bare_loop(name: str, videos: list[np.ndarray], workers: int) -> tuple[int, f
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--algorithms", nargs="+", default=sorted(FLOW_ESTIMATORS, reverse=True))
-    p.add_argument("--videos", type=int, default=16)
+    p.add_argument("--videos", type=int, default=12)
     p.add_argument("--frames", type=int, default=32)
     p.add_argument("--width", type=int, default=128)
     p.add_argument("--height", type=int, default=96)
@@ -89,10 +90,10 @@ def main() -> None:
         f"{os.cpu_count()} cores; {time.strftime('%Y-%m-%d')}"
     )
     ray.init(num_cpus=a.workers, include_dashboard=False)
-    print(f"{'flow':10s} {'bare pairs/s':>13s} {'pipeline pairs/s':>17s} {'overhead':>9s}"
-          f" {'pipeline s':>11s} {'in actors s':>12s}")  # fmt: skip
+    print(f"{'flow':10s} {'bare pairs/s (before, after)':>29s} {'pipeline pairs/s':>17s}"
+          f" {'overhead':>9s} {'pipeline s':>11s} {'in actors s':>12s}")  # fmt: skip
     for name in a.algorithms:
-        n, bare_s = bare_loop(name, gray, a.workers)
+        n, before_s = bare_loop(name, gray, a.workers)
         cfg = PreprocessConfig(
             source="ucf101", root=root, splits=root, out=os.path.join(work, f"out-{name}"),
             flow=name, short_side=min(a.width, a.height), num_workers=a.workers,
@@ -102,10 +103,12 @@ def main() -> None:
         if summary.processed != len(items):
             print(f"{name}: {cfg.out} already held results; use a fresh --dir")
             continue
-        bare = n / bare_s
+        n, after_s = bare_loop(name, gray, a.workers)
+        bare = 2 * n / (before_s + after_s)
         pipe = pairs / summary.pipeline_seconds
         print(
-            f"{name:10s} {bare:13.2f} {pipe:17.2f} {100 * (bare / pipe - 1):8.1f}%"
+            f"{name:10s} {bare:9.2f} ({n / before_s:.2f}, {n / after_s:.2f}){'':5s}"
+            f" {pipe:17.2f} {100 * (bare / pipe - 1):8.1f}%"
             f" {summary.pipeline_seconds:11.1f} {summary.worker_seconds:12.1f}"
         )
 

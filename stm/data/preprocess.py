@@ -57,7 +57,7 @@ __all__ = ["PreprocessConfig", "PreprocessSummary", "UsageError", "process_video
 DEFAULT_SHORT_SIDE = 256  # the paper's frame size for flow and for the stored frames
 MAX_BLOCKS = 1000  # cap on Ray Data blocks (each block holds one or more groups)
 MAX_TASK_RETRIES = 3  # a killed actor is restarted and its group retried, 3 times at most
-LOST_REASON = f"no result: its group failed {MAX_TASK_RETRIES + 1} times (see the Ray logs)"
+LOST_REASON = "no result: the task of its group failed (see the Ray logs)"
 
 
 @dataclass(frozen=True)
@@ -477,7 +477,7 @@ def _run_pipeline(
 def _repair(fs: pafs.FileSystem, root: str) -> dict[str, str]:
     """Clean OUT after an interruption; return video_id -> shard file name of the ok videos.
 
-    Deletes temp leftovers, sets unreadable Parquet files aside (``_unreadable-*``), keeps each
+    Deletes temp leftovers, moves unreadable Parquet files to OUT/unreadable/, keeps each
     video in one shard file only and makes the manifest agree with the shards.
     """
     for sub in (S.SHARDS_DIR, S.MANIFEST_DIR):
@@ -514,10 +514,18 @@ def _read_ids(fs: pafs.FileSystem, path: str) -> list[str] | None:
     try:
         return pq.read_table(path, columns=[S.VIDEO_ID], filesystem=fs)[S.VIDEO_ID].to_pylist()
     except (OSError, pa.ArrowException) as e:
-        head, name = posixpath.split(path)
-        logger.warning("setting aside unreadable %s: %s", path, e)
-        fs.move(path, posixpath.join(head, f"_unreadable-{name}"))
+        _set_aside(fs, path, e)
         return None
+
+
+def _set_aside(fs: pafs.FileSystem, path: str, error: BaseException) -> None:
+    """Move an unreadable file to OUT/unreadable/ (its videos will be redone)."""
+    head, name = posixpath.split(path)
+    root, sub = posixpath.split(head)
+    target = posixpath.join(root, S.UNREADABLE_DIR, f"{sub}-{name}")
+    logger.warning("moving unreadable %s to %s: %s", path, target, error)
+    fs.create_dir(posixpath.dirname(target), recursive=True)
+    fs.move(path, target)
 
 
 def _rewrite_manifest(
@@ -532,9 +540,7 @@ def _rewrite_manifest(
         try:
             rows = pq.read_table(path, filesystem=fs).to_pylist()
         except (OSError, pa.ArrowException) as e:
-            head, name = posixpath.split(path)
-            logger.warning("setting aside unreadable %s: %s", path, e)
-            fs.move(path, posixpath.join(head, f"_unreadable-{name}"))
+            _set_aside(fs, path, e)
             continue
         keep = []
         for row in rows:

@@ -57,7 +57,8 @@ SHARDS_DIR = "shards"  # OUT/shards/part-<hash>.parquet
 MANIFEST_DIR = "manifest"  # OUT/manifest/part-<hash>.parquet (same name as its shard file)
 CLASSES_FILE = "classes.json"  # ["ClassA", "ClassB", ...], index = label
 DATASET_FILE = "dataset.json"  # source, flow algorithm, short side, number of splits, counts
-TMP_PREFIX = ".tmp-"  # in-flight files; every Parquet reader skips names that start with "."
+TMP_PREFIX = ".tmp-"  # in-flight files: ".tmp-<uuid>-<name>.tmp", skipped by every reader
+UNREADABLE_DIR = "unreadable"  # OUT/unreadable/<dir>-<name>: files a rerun found unreadable
 JPEG_QUALITY = 90  # cv2.imencode quality for RGB frames and flow u/v images
 
 STATUS_OK = "ok"
@@ -177,7 +178,7 @@ def read_json(fs: pafs.FileSystem, path: str) -> object | None:
 
 def _tmp_path(path: str) -> str:
     head, name = posixpath.split(path)
-    return posixpath.join(head, f"{TMP_PREFIX}{uuid.uuid4().hex}-{name}")
+    return posixpath.join(head, f"{TMP_PREFIX}{uuid.uuid4().hex}-{name}.tmp")
 
 
 def list_parquet(fs: pafs.FileSystem, directory: str) -> list[str]:
