@@ -6,8 +6,13 @@
     python jobs/preprocess.py --source synthetic --out OUT [--num-videos N] [--seed S]
 
 OUT may be a URI (s3://bucket/prefix). Rerun the same command after an interruption: finished
-videos are kept, the rest is done. Exit status: 0 when at most --max-failures of the videos
-failed, 1 otherwise, 2 for a usage error.
+videos are kept, the rest is done; videos that failed are redone only with --retry-failed.
+Exit status: 0 when at most --max-failures of the videos failed, 1 otherwise, 2 for a usage error.
+
+Output: OUT/shards/*.parquet (one row per video: RGB JPEGs, flow u/v JPEGs, label, splits),
+OUT/manifest/*.parquet (one row per input video: ok | failed with the reason), OUT/classes.json,
+OUT/dataset.json. The folder source has one split: a video is in the test set when a hash of its
+group (the id without a UCF-style "_cNN" clip suffix) falls in the bottom 20%.
 """
 
 from __future__ import annotations

@@ -21,6 +21,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 
 import av
+import cv2
 import numpy as np
 import pyarrow.fs as pafs
 
@@ -350,8 +351,7 @@ class SyntheticScene:
     num_frames: int
     seed: int  # pixels (background, textures, noise) come from this seed
     radius: float  # the actor: a textured disc
-    stripe_period: float
-    stripe_angle: float
+    texture_blur: float  # the actor's texture: smoothed noise (aperiodic: no aliased flow)
     luma_base: float
     luma_amp: float
     chroma_scale: float
@@ -390,8 +390,7 @@ def synthetic_scene(
         num_frames=num_frames,
         seed=int(rng.integers(2**31)),
         radius=size * rng.uniform(0.15, 0.2),
-        stripe_period=rng.uniform(5.0, 8.0),
-        stripe_angle=rng.uniform(0, np.pi),
+        texture_blur=rng.uniform(1.0, 1.8),
         luma_base=rng.uniform(105, 145),
         luma_amp=rng.uniform(28, 40),
         chroma_scale=rng.uniform(0.8, 1.0),
@@ -415,8 +414,8 @@ def render_synthetic(scene: SyntheticScene) -> np.ndarray:
     """Render a scene: (T, H, W, 3) uint8 RGB frames.
 
     Background: a random colour gradient with low-frequency texture and a small camera shake.
-    Actor: a disc with moving stripes, hue set by its identity. Distractor: a smaller textured
-    square of random hue moving in a random direction. Gaussian noise on every frame.
+    Actor: a disc with a smooth random texture, hue set by its identity. Distractor: a smaller
+    textured square of random hue moving in a random direction. Gaussian noise on every frame.
     """
     rng = np.random.default_rng(scene.seed)
     h, w, t_len = scene.height, scene.width, scene.num_frames
@@ -428,6 +427,11 @@ def render_synthetic(scene: SyntheticScene) -> np.ndarray:
     distractor_chroma = (
         scene.distractor_chroma[0] * _CHROMA_A + scene.distractor_chroma[1] * _CHROMA_B
     )
+    half_tex = math.ceil(scene.radius) + 2
+    noise = rng.normal(0.0, 1.0, size=(2 * half_tex + 1,) * 2).astype(np.float32)
+    noise = cv2.GaussianBlur(noise, (0, 0), scene.texture_blur)
+    noise = (noise - noise.mean()) / max(float(noise.std()), 1e-6)
+    texture = np.clip(scene.luma_base + scene.luma_amp * noise, 60, 190).astype(np.float32)
     shake = np.zeros(2, dtype=int)
     frames = np.empty((t_len, h, w, 3), dtype=np.uint8)
     for t in range(t_len):
@@ -443,7 +447,7 @@ def render_synthetic(scene: SyntheticScene) -> np.ndarray:
         cover = np.clip(half + 0.5 - np.maximum(np.abs(ddx), np.abs(ddy)), 0.0, 1.0)
         checker = ((np.floor(ddx / 3) + np.floor(ddy / 3)) % 2) * 50 + 100
         _paint(frame, cover, checker, distractor_chroma)
-        # actor: a striped disc, moving by its class's motion
+        # actor: a textured disc, moving by its class's motion
         cx, cy = scene.x0, scene.y0
         if scene.motion == "up":
             cy -= scene.speed * t
@@ -453,8 +457,10 @@ def render_synthetic(scene: SyntheticScene) -> np.ndarray:
             cx += scene.amplitude * math.sin(2 * math.pi * t / scene.period + scene.phase)
         adx, ady = _wrap(xs - cx, w), _wrap(ys - cy, h)
         cover = np.clip(scene.radius + 0.5 - np.hypot(adx, ady), 0.0, 1.0)
-        along = adx * math.cos(scene.stripe_angle) + ady * math.sin(scene.stripe_angle)
-        luma = scene.luma_base + scene.luma_amp * np.sin(2 * math.pi * along / scene.stripe_period)
+        luma = cv2.remap(  # the texture moves with the disc (sub-pixel, bilinear)
+            texture, (adx + half_tex).astype(np.float32), (ady + half_tex).astype(np.float32),
+            cv2.INTER_LINEAR, borderMode=cv2.BORDER_REFLECT,
+        ).astype(np.float64)  # fmt: skip
         _paint(frame, cover, luma, actor_chroma)
         frame += rng.normal(0.0, 4.0, size=frame.shape)
         frames[t] = np.clip(np.round(frame), 0, 255).astype(np.uint8)
