@@ -113,6 +113,7 @@ class TrainConfig:
     crop: str = "auto"  # auto = multiscale corner crops for motion, +-25% jitter otherwise
     test_frames: int = 25  # Sect. 4.2: 25 uniformly spaced frames and their flips
     test_mode: str = "full"  # full frame, fully convolutional | 10crop (MMAction2's protocol)
+    eval_every: int = 1  # evaluate on the test split every k epochs (and after the last)
     # optimisation
     epochs: int = 35
     lr: float = 0.0  # 0 = the stage's default: 1e-2 for a stream alone, 1e-3 fused
@@ -121,6 +122,7 @@ class TrainConfig:
     weight_decay: float = 5e-4
     batch_size: int = 128  # videos per update, across all workers
     bn_batch: int = 4  # videos per forward/backward on one worker (BN batch; original: 4 x 5)
+    frozen_bn: bool = False  # keep BatchNorm on its running statistics (partial BN)
     seed: int = 0
     # initialisation of the fused stage (Sect. 4.1: "the fused model starts from both")
     appearance_init: str = ""  # checkpoint path or MLflow run id of an appearance-stage run
@@ -142,7 +144,15 @@ class TrainConfig:
         check_choice("stage", self.stage, STAGES)
         check_choice("test_mode", self.test_mode, TEST_MODES)
         check_choice("crop", self.crop, CROPS)
-        positive = ("epochs", "batch_size", "bn_batch", "num_chunks", "crop_size", "test_frames")
+        positive = (
+            "epochs",
+            "batch_size",
+            "bn_batch",
+            "num_chunks",
+            "crop_size",
+            "test_frames",
+            "eval_every",
+        )
         for name in (*positive, "split", "num_workers"):
             if getattr(self, name) < 1:
                 raise ValueError(f"invalid {name} {getattr(self, name)}: need at least 1")

@@ -47,7 +47,7 @@ def build_datasets(cfg: TrainConfig) -> dict[str, Any]:
 
     fs, root = resolve(cfg.data)
     files = list_parquet(fs, f"{root.rstrip('/')}/shards")
-    base = ray.data.read_parquet(files, filesystem=fs, columns=CLIP_COLUMNS)
+    base = ray.data.read_parquet(files, filesystem=fs).select_columns(CLIP_COLUMNS)
     flow_length = cfg.model.flow_length
     train_sampler = TrainClipSampler(
         seed=None,  # fresh randomness on every execution, i.e. every epoch

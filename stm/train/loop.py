@@ -162,6 +162,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     test_shard = ray.train.get_dataset_shard("test")
     uri, run_id = config["tracking_uri"], config["run_id"]
     class_names = config["class_names"]
+    score = float(state["metrics"].get(SCORE, 0.0)) if state is not None else 0.0
     for epoch in range(start_epoch, cfg.epochs + 1):
         lr = scheduler.get_last_lr()[0]
         syncs_before = syncs[0] if syncs else 0
@@ -177,6 +178,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             accum_steps=cfg.accum_steps,
             device=device,
             bf16=cuda,
+            frozen_bn=cfg.frozen_bn,
         )
         # Sum the workers' counts, then form the metrics.
         keys = sorted(stats.correct)
@@ -190,28 +192,32 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             "train_loss": sums[0] / videos,
             "train_clips_per_s": sums[1] * cfg.num_chunks / max(sums[2] / world, 1e-9),
             "updates": float(stats.updates),
+            "start_epoch": float(start_epoch),  # > 1 after a restore from a checkpoint
         }
         for k, c in zip(keys, sums[3:]):
             metrics[f"train_clip_acc_{k}"] = c / videos
         if syncs is not None:
             metrics["grad_syncs"] = float(syncs[0] - syncs_before)
 
-        test_batches = test_shard.iter_torch_batches(batch_size=1)
-        confusions = evaluate(
-            net,
-            test_batches,
-            stage=cfg.stage,
-            num_classes=cfg.model.num_classes,
-            device=device,
-            bf16=cuda,
-        )
-        names = sorted(confusions)
-        stacked = _all_reduce(np.stack([confusions[n] for n in names]).astype(np.float64))
-        confusions = {n: stacked[i].astype(np.int64) for i, n in enumerate(names)}
-        for n, c in confusions.items():
-            metrics[f"test_video_acc_{n}"] = accuracy(c)
-        metrics["test_videos"] = float(next(iter(confusions.values())).sum())
-        metrics[SCORE] = metrics.get("test_video_acc_fused", metrics[f"test_video_acc_{cfg.stage}"])
+        confusions = None
+        if epoch % cfg.eval_every == 0 or epoch == cfg.epochs:
+            confusions = evaluate(
+                net,
+                test_shard.iter_torch_batches(batch_size=1),
+                stage=cfg.stage,
+                num_classes=cfg.model.num_classes,
+                device=device,
+                bf16=cuda,
+            )
+            names = sorted(confusions)
+            stacked = _all_reduce(np.stack([confusions[n] for n in names]).astype(np.float64))
+            confusions = {n: stacked[i].astype(np.int64) for i, n in enumerate(names)}
+            for n, c in confusions.items():
+                metrics[f"test_video_acc_{n}"] = accuracy(c)
+            metrics["test_videos"] = float(next(iter(confusions.values())).sum())
+            score = metrics.get("test_video_acc_fused", metrics[f"test_video_acc_{cfg.stage}"])
+        metrics[SCORE] = score  # the latest evaluation's (checkpoints are ranked by it)
+        metrics = {k: float(v) for k, v in metrics.items()}  # plain floats: weights_only loads
 
         with tempfile.TemporaryDirectory() as tmp:
             checkpoint = None
@@ -222,7 +228,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                 )
                 checkpoint = Checkpoint.from_directory(tmp)
                 tracking.log_metrics(uri, run_id, metrics, step=epoch)
-                if epoch == cfg.epochs:
+                if epoch == cfg.epochs and confusions is not None:
                     tracking.log_evaluation(uri, run_id, confusions, class_names)
                 log.info("epoch %d: %s", epoch, {k: round(v, 4) for k, v in metrics.items()})
             ray.train.report(metrics, checkpoint=checkpoint)

@@ -143,8 +143,6 @@ def run_training(cfg: TrainConfig, *, resume: bool = False) -> RunSummary:
     from ray.train.torch import TorchTrainer
 
     started = time.time()
-    if not ray.is_initialized():
-        ray.init(log_to_driver=True)
     if not cfg.data:
         cfg = prepare_synthetic(cfg)
     classes, num_train, num_test = validate_data(cfg)
@@ -157,6 +155,9 @@ def run_training(cfg: TrainConfig, *, resume: bool = False) -> RunSummary:
         tracking.check_reachable(uri)
     except tracking.TrackingUnavailable as err:
         raise UsageError(str(err)) from None
+
+    if not ray.is_initialized():
+        ray.init()  # a local instance, or the cluster of `ray job submit` / RAY_ADDRESS
 
     storage = _storage(cfg)
     if resume:

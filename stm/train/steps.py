@@ -99,6 +99,7 @@ def train_one_epoch(
     accum_steps: int,
     device: torch.device,
     bf16: bool = False,
+    frozen_bn: bool = False,
     on_update: Callable[[int], None] | None = None,
 ) -> EpochStats:
     """One pass over ``batches`` (micro-batches of ``bn_batch`` videos), one optimiser update
@@ -108,8 +109,15 @@ def train_one_epoch(
     A trailing group of fewer micro-batches (only at the end of an epoch) still makes an
     update, its gradient rescaled to a mean; every worker sees the same number of
     micro-batches (equal shards), so DDP's collective calls stay matched.
+
+    ``frozen_bn`` keeps BatchNorm layers on their running statistics (TSN's "partial BN"
+    when fine-tuning with tiny batches).
     """
     model.train()
+    if frozen_bn:
+        for m in model.modules():
+            if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                m.eval()
     stats = EpochStats(correct={n: 0 for n in (*streams_of(stage), "fused")})
     start = time.perf_counter()
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
