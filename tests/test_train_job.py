@@ -1,0 +1,269 @@
+"""The training job end to end: a real local Ray, real Ray Train workers, a real MLflow store,
+real synthetic videos preprocessed by the real pipeline. Smoke sizes."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from stm.config import embedded_default
+
+ROOT = Path(__file__).resolve().parents[1]
+SMOKE = dict(
+    epochs=2,
+    batch_size=8,
+    bn_batch=4,
+    crop_size=48,
+    num_chunks=2,
+    stride_min=2,
+    stride_max=4,
+    test_frames=3,
+    num_workers=2,
+    cpus_per_worker=0.5,
+    max_failures=0,
+    lr=0.005,
+)
+SMOKE_FLAGS = [
+    "--epochs",
+    "2",
+    "--batch-size",
+    "8",
+    "--bn-batch",
+    "4",
+    "--crop-size",
+    "48",
+    "--num-chunks",
+    "2",
+    "--stride-min",
+    "2",
+    "--stride-max",
+    "4",
+    "--test-frames",
+    "3",
+    "--num-workers",
+    "2",
+    "--cpus-per-worker",
+    "0.5",
+    "--lr",
+    "0.005",
+]
+
+
+@pytest.fixture(scope="session")
+def synthetic(tmp_path_factory, ray_local) -> str:
+    """30 synthetic videos (6 classes x 5: 24 train, 6 test), DIS flow, preprocessed once."""
+    from stm.data.preprocess import PreprocessConfig, run_preprocess
+
+    base = tmp_path_factory.mktemp("synthetic")
+    out = base / "data"
+    summary = run_preprocess(
+        PreprocessConfig(
+            source="synthetic",
+            root=str(base / "videos"),
+            out=str(out),
+            flow="dis",
+            num_videos=30,
+            synthetic_frames=16,
+        )
+    )
+    assert summary.ok == 30
+    return str(out)
+
+
+def smoke_config(data: str, tmp: Path, **kw):
+    cfg = embedded_default(
+        data=data,
+        storage_path=str(tmp / "runs"),
+        mlflow_uri=f"sqlite:///{tmp / 'mlflow.db'}",
+        **SMOKE,
+    )
+    return dataclasses.replace(cfg, **kw)
+
+
+def mlflow_client(tmp: Path):
+    from mlflow.tracking import MlflowClient
+
+    return MlflowClient(tracking_uri=f"sqlite:///{tmp / 'mlflow.db'}")
+
+
+def test_two_worker_run_logs_to_mlflow_and_syncs_once_per_update(synthetic, tmp_path):
+    from stm.train.loop import model_from_checkpoint
+    from stm.train.run import run_training
+
+    summary = run_training(smoke_config(synthetic, tmp_path, name="two-workers"))
+    m = summary.metrics
+    assert m["epoch"] == 2 and m["start_epoch"] == 1
+    # 24 videos / 2 workers / bn 4 = 3 micro-batches, accum 1 -> 3 updates, 3 all-reduces
+    assert m["updates"] == 3 and m["grad_syncs"] == m["updates"]
+    assert m["test_videos"] == 6
+    for name in ("appearance", "motion", "fused"):
+        assert 0.0 <= m[f"test_video_acc_{name}"] <= 1.0
+
+    client = mlflow_client(tmp_path)
+    run = client.get_run(summary.run_id)
+    assert run.info.status == "FINISHED"
+    assert run.data.params["model.fusion"] == "residual_mul"
+    assert run.data.params["batch_size"] == "8"
+    assert run.data.tags["stage"] == "fused" and "residual_mul" in run.data.tags["variant"]
+    history = client.get_metric_history(summary.run_id, "train_loss")
+    assert [h.step for h in history] == [1, 2]
+    assert client.get_metric_history(summary.run_id, "test_video_acc_fused")
+    artifacts = {a.path for a in client.list_artifacts(summary.run_id)}
+    assert {"confusion_matrix.png", "per_class_accuracy.csv", "best_checkpoint"} <= artifacts
+    local = client.download_artifacts(summary.run_id, "best_checkpoint", str(tmp_path / "dl"))
+    model, cfg = model_from_checkpoint(local)  # torch.load(weights_only=True) inside
+    assert cfg.model.num_classes == 6 and cfg.name == "two-workers"
+    state = torch.load(Path(local) / "checkpoint.pt", weights_only=True)
+    assert set(state) >= {"model", "optimizer", "scheduler", "epoch", "config"}
+
+
+def _train_worker_pids() -> list[int]:
+    out = subprocess.run(["pgrep", "-f", "RayTrainWorker"], capture_output=True, text=True)
+    return [int(p) for p in out.stdout.split()]
+
+
+def _wait_for_checkpoint(run_dir: Path, timeout: float = 300) -> None:
+    """Until Ray Train has registered a checkpoint (its manager's snapshot names one)."""
+    deadline = time.time() + timeout
+    snapshot = run_dir / "checkpoint_manager_snapshot.json"
+    while time.time() < deadline:
+        if snapshot.is_file() and "checkpoint_" in snapshot.read_text():
+            return
+        time.sleep(0.5)
+    raise TimeoutError(f"no checkpoint in {run_dir}")
+
+
+def test_killed_worker_restarts_from_last_checkpoint(synthetic, tmp_path):
+    from stm.train.run import run_training
+
+    cfg = smoke_config(
+        synthetic, tmp_path, name="kill-worker", epochs=3, max_failures=2, eval_every=3
+    )
+    killed: list[int] = []
+
+    def killer() -> None:
+        _wait_for_checkpoint(tmp_path / "runs" / "kill-worker")
+        pids = _train_worker_pids()
+        if pids:
+            os.kill(pids[-1], signal.SIGKILL)
+            killed.append(pids[-1])
+
+    thread = threading.Thread(target=killer, daemon=True)
+    thread.start()
+    summary = run_training(cfg)
+    thread.join(timeout=5)
+    assert killed, "no Ray Train worker was found to kill"
+    m = summary.metrics
+    assert m["epoch"] == 3
+    assert m["start_epoch"] >= 2  # the restarted group continued from a checkpoint
+
+
+def _train(args: list[str], tmp: Path, **kw) -> subprocess.Popen:
+    env = dict(os.environ, RAY_ADDRESS="")  # the job starts its own local Ray
+    return subprocess.Popen(
+        [
+            sys.executable,
+            str(ROOT / "jobs" / "train.py"),
+            *args,
+            "--storage-path",
+            str(tmp / "runs"),
+            "--mlflow-uri",
+            f"sqlite:///{tmp / 'mlflow.db'}",
+        ],
+        cwd=tmp,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+        **kw,
+    )
+
+
+def test_resume_after_the_job_is_killed_continues_epoch_and_lr(synthetic, tmp_path):
+    args = [
+        "--data",
+        synthetic,
+        *SMOKE_FLAGS,
+        "--epochs",
+        "3",
+        "--lr-milestones",
+        "2",
+        "--eval-every",
+        "3",
+        "--name",
+        "resumable",
+    ]
+    first = _train(args, tmp_path)
+    try:
+        _wait_for_checkpoint(tmp_path / "runs" / "resumable")
+    finally:
+        os.killpg(first.pid, signal.SIGKILL)  # the driver and everything it started
+        first.wait()
+    second = _train(
+        [
+            "--data",
+            synthetic,
+            *SMOKE_FLAGS,
+            "--resume",
+            "--epochs",
+            "3",
+            "--lr-milestones",
+            "2",
+            "--eval-every",
+            "3",
+        ],
+        tmp_path,
+    )
+    out, _ = second.communicate(timeout=600)
+    assert second.returncode == 0, out[-3000:]
+    assert "resumable" in out
+
+    client = mlflow_client(tmp_path)
+    run_id = (tmp_path / "runs" / "resumable" / "mlflow_run_id").read_text().strip()
+    starts = client.get_metric_history(run_id, "start_epoch")
+    assert max(s.value for s in starts) >= 2  # the resumed job did not restart at epoch 1
+    lr = {h.step: h.value for h in client.get_metric_history(run_id, "lr")}
+    assert lr[3] == pytest.approx(0.0005) and lr[1] == pytest.approx(0.005)
+    assert client.get_run(run_id).info.status == "FINISHED"
+
+
+@pytest.mark.parametrize(
+    "flags,message",
+    [
+        (["--fusion", "concat"], "invalid choice"),
+        (["--bn-batch", "3"], "must divide"),
+        (["--data", "/nonexistent/data"], "no shards"),
+        (["--split", "3"], "--split 3"),
+        (["--mlflow-uri", "http://127.0.0.1:9"], "unreachable"),
+    ],
+)
+def test_bad_input_is_one_line_and_exit_2(synthetic, tmp_path, flags, message):
+    args = list(flags)
+    if "--data" not in args:
+        args = ["--data", synthetic, *args]
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "jobs" / "train.py"), *args],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1 and message in lines[0] and "Traceback" not in proc.stderr
+
+
+def test_classes_file_matches_labels(synthetic):
+    classes = json.loads((Path(synthetic) / "classes.json").read_text())
+    assert len(classes) == 6
