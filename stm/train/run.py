@@ -136,8 +136,24 @@ def initial_state(cfg: TrainConfig, uri: str) -> tuple[dict[str, Any] | None, st
     return {k: v for k, v in model.state_dict().items() if k.startswith(keep)}, "ImageNet"
 
 
-def run_training(cfg: TrainConfig, *, resume: bool = False) -> RunSummary:
-    """Train (or resume) one run and return its summary; usage errors raise ``UsageError``."""
+def run_training(
+    cfg: TrainConfig,
+    *,
+    resume: bool = False,
+    parent_run_id: str = "",
+    tags: dict[str, str] | None = None,
+    callbacks: list | None = None,
+) -> RunSummary:
+    """Train (or resume) one run and return its summary; usage errors raise ``UsageError``.
+
+    Args:
+        cfg: the run.
+        resume: continue the run ``cfg.name`` (default: the latest under the storage path).
+        parent_run_id: an MLflow parent run (a sweep) for this run.
+        tags: extra MLflow tags (e.g. the sweep's variant name).
+        callbacks: Ray Train ``RunConfig`` callbacks, e.g. Tune's report callback when this
+            run is one trial of a sweep.
+    """
     import ray
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
@@ -172,8 +188,15 @@ def run_training(cfg: TrainConfig, *, resume: bool = False) -> RunSummary:
         if _read_text(f"{storage}/{name}/{tracking.RUN_ID_FILE}"):
             raise UsageError(f"run {name} exists under {storage}: pass --resume to continue it")
         cfg = dataclasses.replace(cfg, name=name)
-        tags = {"stage": cfg.stage, "variant": cfg.model.variant, "storage": f"{storage}/{name}"}
-        run_id = tracking.start_run(uri, cfg.experiment, name, to_dict(cfg), tags)
+        run_tags = {
+            "stage": cfg.stage,
+            "variant": cfg.model.variant,
+            "storage": f"{storage}/{name}",
+        }
+        run_tags.update(tags or {})
+        run_id = tracking.start_run(
+            uri, cfg.experiment, name, to_dict(cfg), run_tags, parent_run_id=parent_run_id
+        )
         _write_text(f"{storage}/{name}/{tracking.RUN_ID_FILE}", run_id)
     _write_text(f"{storage}/{LATEST_FILE}", name)
     print(
@@ -212,6 +235,7 @@ def run_training(cfg: TrainConfig, *, resume: bool = False) -> RunSummary:
                 checkpoint_score_order="max",
             ),
             failure_config=FailureConfig(max_failures=cfg.max_failures),
+            callbacks=callbacks or None,
         ),
         datasets=build_datasets(cfg),
         dataset_config=data_config(),
