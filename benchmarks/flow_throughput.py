@@ -8,8 +8,9 @@ For each algorithm, on the same synthetic videos and with the same number of pro
 - pipeline: ``run_preprocess`` on those videos: decode, flow, quantise, JPEG, Parquet writes,
             with Ray Data's actor start-up included.
 
-It prints frame pairs per second for both and the pipeline's overhead over the bare kernel.
-It does not assert anything about time.
+It prints frame pairs per second for both and the pipeline's overhead over the bare kernel, in
+wall time (start-up included) and in CPU time per pair (the actors' whole process against the
+bare processes; steadier than wall time on a shared machine). It asserts nothing about time.
 
     python benchmarks/flow_throughput.py                       # tvl1, dis, farneback
     python benchmarks/flow_throughput.py --algorithms dis --videos 8 --smoke-test
@@ -41,19 +42,22 @@ def _init_worker(name: str) -> None:
     _estimator = make_estimator(name)
 
 
-def _flow_video(gray: np.ndarray) -> int:
+def _flow_video(gray: np.ndarray) -> tuple[int, float]:
+    cpu = time.process_time()
     for k in range(len(gray) - 1):
         _estimator(gray[k], gray[k + 1])
-    return len(gray) - 1
+    return len(gray) - 1, time.process_time() - cpu
 
 
-def bare_loop(name: str, videos: list[np.ndarray], workers: int) -> tuple[int, float]:
-    """(pairs, seconds) of the flow kernel alone in ``workers`` processes (pool start excluded)."""
+def bare_loop(name: str, videos: list[np.ndarray], workers: int) -> tuple[int, float, float]:
+    """(pairs, wall seconds, CPU seconds) of the flow kernel alone in ``workers`` processes
+    (pool start-up excluded)."""
     with mp.get_context("spawn").Pool(workers, _init_worker, (name,)) as pool:
         pool.map(_flow_video, [videos[0][:2]] * workers)  # warm up: imports, estimator creation
         start = time.perf_counter()
-        pairs = sum(pool.map(_flow_video, videos, chunksize=1))
-        return pairs, time.perf_counter() - start
+        done = pool.map(_flow_video, videos, chunksize=1)
+        wall = time.perf_counter() - start
+    return sum(n for n, _ in done), wall, sum(c for _, c in done)
 
 
 def main() -> None:
@@ -90,10 +94,12 @@ def main() -> None:
         f"{os.cpu_count()} cores; {time.strftime('%Y-%m-%d')}"
     )
     ray.init(num_cpus=a.workers, include_dashboard=False)
-    print(f"{'flow':10s} {'bare pairs/s (before, after)':>29s} {'pipeline pairs/s':>17s}"
-          f" {'overhead':>9s} {'pipeline s':>11s} {'in actors s':>12s}")  # fmt: skip
+    print(
+        "flow       | bare pairs/s (before, after) | pipeline pairs/s | overhead (wall) |"
+        " CPU ms/pair bare, pipeline | overhead (CPU) | load avg"
+    )
     for name in a.algorithms:
-        n, before_s = bare_loop(name, gray, a.workers)
+        n, before_s, before_cpu = bare_loop(name, gray, a.workers)
         cfg = PreprocessConfig(
             source="ucf101", root=root, splits=root, out=os.path.join(work, f"out-{name}"),
             flow=name, short_side=min(a.width, a.height), num_workers=a.workers,
@@ -103,13 +109,17 @@ def main() -> None:
         if summary.processed != len(items):
             print(f"{name}: {cfg.out} already held results; use a fresh --dir")
             continue
-        n, after_s = bare_loop(name, gray, a.workers)
+        n, after_s, after_cpu = bare_loop(name, gray, a.workers)
         bare = 2 * n / (before_s + after_s)
         pipe = pairs / summary.pipeline_seconds
+        bare_cpu = 1000 * (before_cpu + after_cpu) / (2 * n)
+        pipe_cpu = 1000 * summary.worker_cpu_seconds / pairs
         print(
-            f"{name:10s} {bare:9.2f} ({n / before_s:.2f}, {n / after_s:.2f}){'':5s}"
-            f" {pipe:17.2f} {100 * (bare / pipe - 1):8.1f}%"
-            f" {summary.pipeline_seconds:11.1f} {summary.worker_seconds:12.1f}"
+            f"{name:10s} | {bare:8.2f} ({n / before_s:.2f}, {n / after_s:.2f})"
+            f" | {pipe:16.2f} | {100 * (bare / pipe - 1):14.1f}%"
+            f" | {bare_cpu:12.1f}, {pipe_cpu:13.1f} | {100 * (pipe_cpu / bare_cpu - 1):13.1f}%"
+            f" | {os.getloadavg()[0]:.1f}",
+            flush=True,
         )
 
 

@@ -17,6 +17,7 @@ One job per ``OUT`` at a time.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
@@ -107,6 +108,7 @@ class PreprocessSummary:
     failures: list[tuple[str, str]] = field(default_factory=list)  # (video_id, reason), first 20
     max_failures: float = 0.01
     worker_seconds: float = 0.0  # summed over videos: decode + flow + JPEG + write, in the actors
+    worker_cpu_seconds: float = 0.0  # the CPU time of the same (the actor process, all threads)
 
     @property
     def failed_fraction(self) -> float:
@@ -229,11 +231,12 @@ def process_group(
 ) -> list[dict]:
     """Process a group of videos; write its shard file, then its manifest part; return results.
 
-    Per-video errors become failed rows (a failing video never fails the group).
+    Per-video errors become failed rows (a failing video never fails the group). Each result
+    carries the wall and CPU seconds of its video; the last one also those of the writes.
     """
     rows, results = [], []
     for item in videos:
-        start = time.perf_counter()
+        start, cpu = time.perf_counter(), time.process_time()
         try:
             rows.append(process_video(item, estimator, short_side, max_frames, jpeg_quality))
             status, error, frames = S.STATUS_OK, "", rows[-1][S.NUM_FRAMES]
@@ -248,11 +251,15 @@ def process_group(
                 S.SHARD: name if status == S.STATUS_OK else "",
                 "num_frames": frames,
                 "seconds": time.perf_counter() - start,
+                "cpu_seconds": time.process_time() - cpu,
             }
         )
+    start, cpu = time.perf_counter(), time.process_time()
     if rows:
         S.write_table_atomic(fs, posixpath.join(root, S.SHARDS_DIR, name), S.shard_rows(rows))
     _write_manifest(fs, root, name, results)
+    results[-1]["seconds"] += time.perf_counter() - start
+    results[-1]["cpu_seconds"] += time.process_time() - cpu
     return results
 
 
@@ -304,14 +311,13 @@ def run_preprocess(cfg: PreprocessConfig) -> PreprocessSummary:
             [_failed_row(it.video_id, it.missing) for it in missing],
         )
     todo = [it for it in todo if not it.missing]
-    frames, pipeline_seconds, worker_seconds = 0, 0.0, 0.0
+    stats = {}
     if todo:
-        frames, pipeline_seconds, worker_seconds = _run_pipeline(cfg, fs, root, todo)
+        stats = _run_pipeline(cfg, fs, root, todo)
         _repair(fs, root)
 
     summary = _summarise(fs, root, cfg, listing, skipped, len(todo) + len(missing), start)
-    summary.frames, summary.pipeline_seconds = frames, pipeline_seconds
-    summary.worker_seconds = worker_seconds
+    summary = dataclasses.replace(summary, **stats)
     info = S.read_json(fs, posixpath.join(root, S.DATASET_FILE)) or {}
     info["counts"] = {"videos": summary.total, "ok": summary.ok, "failed": summary.failed}
     S.write_json_atomic(fs, posixpath.join(root, S.DATASET_FILE), info)
@@ -406,10 +412,11 @@ def _failed_row(video_id: str, reason: str) -> dict:
 
 def _run_pipeline(
     cfg: PreprocessConfig, fs: pafs.FileSystem, root: str, todo: Sequence[VideoItem]
-) -> tuple[int, float, float]:
+) -> dict:
     """Run the Ray Data pipeline over ``todo``.
 
-    Returns (frames decoded, pipeline wall seconds, per-video seconds summed over the videos).
+    Returns the run's ``PreprocessSummary`` fields: frames, pipeline_seconds, worker_seconds and
+    worker_cpu_seconds.
     """
     import ray
     from ray.util.annotations import RayDeprecationWarning
@@ -456,11 +463,12 @@ def _run_pipeline(
             num_cpus=1,
             max_task_retries=MAX_TASK_RETRIES,
         )
-    frames, busy, seen = 0, 0.0, set()
+    frames, busy, cpu, seen = 0, 0.0, 0.0, set()
     for result in ds.iter_rows():
         seen.add(result[S.VIDEO_ID])
         frames += int(result["num_frames"])
         busy += float(result["seconds"])
+        cpu += float(result["cpu_seconds"])
     lost = [it for it in todo if it.video_id not in seen]
     if lost:
         logger.error("%d videos got no result (their group failed after retries)", len(lost))
@@ -470,7 +478,12 @@ def _run_pipeline(
             group_name([it.video_id for it in lost], "lost"),
             [_failed_row(it.video_id, LOST_REASON) for it in lost],
         )
-    return frames, time.perf_counter() - start, busy
+    return {
+        "frames": frames,
+        "pipeline_seconds": time.perf_counter() - start,
+        "worker_seconds": busy,
+        "worker_cpu_seconds": cpu,
+    }
 
 
 # --- resume: make OUT consistent and find what is done -----------------------------------------
