@@ -35,8 +35,10 @@ def checkpoint_state(
     epoch: int,
     cfg: TrainConfig,
     metrics: dict[str, float],
+    class_names: list[str] | None = None,
 ) -> dict[str, Any]:
-    """A self-describing checkpoint: it alone rebuilds the model (it carries the config)."""
+    """A self-describing checkpoint: it alone rebuilds the model (it carries the config and
+    the class names)."""
     return {
         "model": model.state_dict(),
         "optimizer": optimizer.state_dict(),
@@ -44,6 +46,7 @@ def checkpoint_state(
         "epoch": epoch,
         "config": to_dict(cfg),
         "metrics": dict(metrics),
+        "class_names": list(class_names or []),
     }
 
 
@@ -223,7 +226,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             checkpoint = None
             if rank == 0:
                 torch.save(
-                    checkpoint_state(net, optimizer, scheduler, epoch, cfg, metrics),
+                    checkpoint_state(net, optimizer, scheduler, epoch, cfg, metrics, class_names),
                     os.path.join(tmp, CHECKPOINT_FILE),
                 )
                 checkpoint = Checkpoint.from_directory(tmp)
