@@ -19,6 +19,7 @@ def ray_local():
 
     if not ray.is_initialized():
         ray.init(
+            address="local",  # never join a cluster that `ray start` left on this machine
             num_cpus=2,
             include_dashboard=False,
             object_store_memory=512 * 1024 * 1024,

@@ -169,7 +169,7 @@ def test_killed_worker_restarts_from_last_checkpoint(synthetic, tmp_path):
 
 
 def _train(args: list[str], tmp: Path, **kw) -> subprocess.Popen:
-    env = dict(os.environ, RAY_ADDRESS="")  # the job starts its own local Ray
+    env = dict(os.environ, RAY_ADDRESS="local")  # the job starts its own local Ray
     return subprocess.Popen(
         [
             sys.executable,
