@@ -147,25 +147,43 @@ def test_shards_manifest_bad_inputs_and_rerun(ray_local, dataset: Path, tmp_path
         run_preprocess(dataclasses.replace(config(dataset, out), flow="dis"))
 
 
-@pytest.mark.parametrize(
-    "args,message",
-    [
-        (["--source", "kinetics", "--root", "."], "unknown source 'kinetics'"),
-        (["--source", "folder", "--root", "/no/such/dir"], "is not an existing directory"),
-        (["--source", "ucf101", "--root", "."], "classInd.txt not found"),
-        (["--source", "synthetic", "--flow", "raft"], "unknown flow 'raft'"),
-        (["--source", "synthetic", "--short-side"], "expected one argument"),
-    ],
-)
-def test_usage_errors_are_one_line_with_status_2(args, message, tmp_path: Path) -> None:
+USAGE_ERRORS = [
+    (["--source", "kinetics", "--root", "."], "unknown source 'kinetics'"),
+    (["--source", "folder", "--root", "/no/such/dir"], "is not an existing directory"),
+    (["--source", "ucf101", "--root", "."], "classInd.txt not found"),
+    (["--source", "synthetic", "--flow", "raft"], "unknown flow 'raft'"),
+    (["--source", "synthetic", "--short-side"], "expected one argument"),
+]
+
+
+@pytest.mark.parametrize("args,message", USAGE_ERRORS)
+def test_usage_errors_are_one_line_with_status_2(args, message, tmp_path: Path, capsys) -> None:
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("preprocess_job", JOB[1])
+    job = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(job)
+    try:
+        status = job.main([*args, "--out", str(tmp_path / "out")])
+    except SystemExit as e:  # argparse's own errors
+        status = e.code
+    assert status == 2
+    lines = [ln for ln in capsys.readouterr().err.splitlines() if ln.strip()]
+    assert len(lines) == 1 and message in lines[0], lines
+
+
+def test_usage_error_of_the_process(tmp_path: Path) -> None:
+    """The real process: one line on stderr, status 2, no traceback."""
+    args, message = USAGE_ERRORS[0]
     run = subprocess.run(
         [*JOB, *args, "--out", str(tmp_path / "out")],
         capture_output=True, text=True, timeout=60, cwd=tmp_path,
     )  # fmt: skip
     assert run.returncode == 2
-    lines = [ln for ln in run.stderr.splitlines() if ln.strip()]
-    assert len(lines) == 1 and message in lines[0], run.stderr
-    assert "Traceback" not in run.stderr
+    assert (
+        run.stderr.strip()
+        == f"preprocess: error: {message} (valid: ucf101, hmdb51, folder, synthetic)"
+    )
 
 
 def test_killed_driver_resumes_without_duplicates(ray_local, tmp_path: Path) -> None:
