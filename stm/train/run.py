@@ -22,6 +22,7 @@ from stm.train.loop import SCORE, load_checkpoint, train_loop_per_worker
 log = logging.getLogger(__name__)
 
 SYNTHETIC_DIR = Path("data")  # the embedded default dataset, under the working directory
+SYNTHETIC_FLOW = "dis"  # DIS keeps the laptop demo in minutes; real data defaults to TV-L1
 LATEST_FILE = "LATEST"  # in the storage path: the name of the newest run, for --resume
 
 
