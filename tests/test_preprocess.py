@@ -103,6 +103,12 @@ def test_shards_manifest_bad_inputs_and_rerun(ray_local, dataset: Path, tmp_path
     for vid in shard_ids(out):
         assert rows[vid]["status"] == "ok" and (out / "shards" / rows[vid]["shard"]).exists()
     assert json.loads((out / "classes.json").read_text()) == list(SYNTHETIC_CLASSES)
+    # stm's readers say the same
+    assert S.read_classes(str(out)) == list(SYNTHETIC_CLASSES)
+    assert S.read_manifest(str(out)).num_rows == 11
+    t = S.shards_dataset(str(out)).to_table(columns=[S.VIDEO_ID, S.TRAIN_SPLITS, S.TEST_SPLITS])
+    assert t.num_rows == 6 and S.in_split(t, 1, train=True).all()
+    assert not S.in_split(t, 1, train=False).any()
     info = S.read_dataset_info(str(out))
     assert (info["source"], info["flow"], info["short_side"], info["num_splits"]) == (
         "ucf101", "tvl1", 24, 1,
