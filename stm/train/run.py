@@ -49,7 +49,7 @@ def prepare_synthetic(cfg: TrainConfig) -> TrainConfig:
                 source="synthetic",
                 root=str(out.parent / "synthetic-videos"),
                 out=str(out),
-                flow="tvl1",
+                flow=SYNTHETIC_FLOW,
             )
         )
     return dataclasses.replace(cfg, data=str(out))
