@@ -101,6 +101,41 @@ def validate_data(cfg: TrainConfig) -> tuple[list[str], int, int]:
     return classes, num_train, num_test
 
 
+def _fetch_checkpoint(uri: str) -> str:
+    """Copy a checkpoint (``.../checkpoint.pt`` or its folder) from any pyarrow filesystem."""
+    from pyarrow import fs as pafs
+
+    filesystem, path = resolve(uri)
+    if filesystem.get_file_info(path).type == pafs.FileType.Directory:
+        path = f"{path.rstrip('/')}/checkpoint.pt"
+    local = Path(tempfile.mkdtemp(prefix="stm-init-")) / "checkpoint.pt"
+    with filesystem.open_input_stream(path) as src, open(local, "wb") as dst:
+        dst.write(src.read())
+    return str(local)
+
+
+def warn_if_not_shared(cfg: TrainConfig, uri: str) -> None:
+    """On a multi-node cluster, local paths must be on a filesystem every node shares."""
+    import ray
+
+    nodes = [n for n in ray.nodes() if n.get("Alive")]
+    if len(nodes) < 2:
+        return
+    local = []
+    if "://" not in cfg.storage_path:
+        local.append(f"--storage-path {cfg.storage_path}")
+    if uri.startswith("sqlite:"):
+        local.append(f"MLflow store {uri}")
+    if local:
+        log.warning(
+            "%d nodes, but %s %s local: use s3:// or gs:// (and an MLflow server), or a shared "
+            "filesystem mounted at the same path on every node",
+            len(nodes),
+            " and ".join(local),
+            "is" if len(local) == 1 else "are",
+        )
+
+
 def initial_state(cfg: TrainConfig, uri: str) -> tuple[dict[str, Any] | None, str]:
     """The fused stage's starting weights (Sect. 4.1): the two stream runs' checkpoints, else
     ImageNet when its files are present, else none (from scratch). Returns (state, source)."""
@@ -113,7 +148,9 @@ def initial_state(cfg: TrainConfig, uri: str) -> tuple[dict[str, Any] | None, st
         if not ref:
             continue
         path = ref
-        if not Path(ref).exists() and "://" not in ref:  # an MLflow run id
+        if "://" in ref:  # a checkpoint file or folder in cloud storage: fetch it
+            path = _fetch_checkpoint(ref)
+        elif not Path(ref).exists():  # an MLflow run id
             try:
                 path = tracking.download_checkpoint(uri, ref, tempfile.mkdtemp(prefix="stm-init-"))
             except Exception as err:  # noqa: BLE001
@@ -175,6 +212,7 @@ def run_training(
 
     if not ray.is_initialized():
         ray.init()  # a local instance, or the cluster of `ray job submit` / RAY_ADDRESS
+    warn_if_not_shared(cfg, uri)
 
     storage = _storage(cfg)
     if resume:
