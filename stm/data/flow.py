@@ -15,6 +15,7 @@ Workers should call ``cv2.setNumThreads(1)``: parallelism comes from running one
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 
 import cv2
 import numpy as np
@@ -71,11 +72,21 @@ class FarnebackFlow:
         return _check(cv2.calcOpticalFlowFarneback(prev, nxt, None, *self._args), prev)
 
 
-# name -> estimator class; a class itself is accepted wherever a name is (see ``make_estimator``).
-FLOW_ESTIMATORS: dict[str, type] = {
+def _torch_tvl1(**kwargs):
+    """TV-L1 in PyTorch (``stm.data.flow_torch.TorchTVL1Flow``), imported on first use so that
+    the OpenCV estimators need no torch; on CUDA when present, batched through ``compute``."""
+    from stm.data.flow_torch import TorchTVL1Flow
+
+    return TorchTVL1Flow(**kwargs)
+
+
+# name -> estimator class or factory; a class itself is accepted wherever a name is (see
+# ``make_estimator``).
+FLOW_ESTIMATORS: dict[str, type | Callable] = {
     TVL1Flow.name: TVL1Flow,
     DISFlow.name: DISFlow,
     FarnebackFlow.name: FarnebackFlow,
+    "tvl1-torch": _torch_tvl1,
 }
 
 

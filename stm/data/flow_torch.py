@@ -1,0 +1,245 @@
+"""Dual TV-L1 optical flow (Zach, Pock & Bischof 2007) in PyTorch, batched over frame pairs.
+
+It follows OpenCV contrib's ``DualTVL1OpticalFlow`` (the CPU path of ``tvl1flow.cpp``, itself
+after Sanchez Perez et al.) step by step, so that its flow agrees with ``cv2.optflow``'s to within
+the storage quantisation (see ``stm.data.flow.quantize_flow``):
+
+- images as float32 in 0..255; a pyramid of ``nscales`` levels, each a bilinear resize by
+  ``scale_step`` of the one above (``cv::resize`` INTER_LINEAR: half-pixel centres, no
+  anti-aliasing, sizes rounded), stopping early at a level under 16 px;
+- coarse to fine, the flow starting at zero; per level the dual variables start at zero and
+  ``warps`` times: warp I1 and its centred gradient by the flow with bicubic interpolation
+  (``cv::remap`` INTER_CUBIC, zero outside, map coordinates rounded to 1/32 px), linearise the
+  data term (``grad``, ``rho_c``), then up to ``outer_iterations`` times: median-filter the flow
+  (``median_filtering`` x ``median_filtering``, replicated borders), then up to
+  ``inner_iterations`` times: thresholding step (lambda * theta), primal update with the
+  divergence of the dual variables, dual update with forward differences (tau / theta); the warp
+  stops when the summed squared flow change of an iteration falls to epsilon^2 * area;
+- the flow is resized to the next finer level (bilinear) and scaled by 1 / scale_step.
+
+Batching: every frame pair of a batch is one sample of the same tensors. The stopping rule is
+applied per pair (a converged pair is frozen while the others go on), so a pair's flow does not
+depend on the batch it is computed in. Plain PyTorch and numpy: no OpenCV, Ray or PyAV needed.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+
+def default_device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _cv_round(x: float) -> int:
+    return int(round(x))  # cvRound / saturate_cast<int>: round half to even, like Python's round
+
+
+def _resize_linear(x: torch.Tensor, size: tuple[int, int], scale: tuple[float, float] | None):
+    """``cv::resize`` INTER_LINEAR of (N, C, H, W) to ``size`` = (h, w).
+
+    ``scale`` = (sy, sx) source pixels per destination pixel; None: the size ratio (OpenCV's
+    rule when a destination size is given). Out-of-range sources are clamped to the border.
+    """
+    n, _, h, w = x.shape
+    oh, ow = size
+    sy, sx = scale if scale is not None else (h / oh, w / ow)
+    ys = (torch.arange(oh, device=x.device, dtype=torch.float64) + 0.5) * sy - 0.5
+    xs = (torch.arange(ow, device=x.device, dtype=torch.float64) + 0.5) * sx - 0.5
+    gy = (2.0 * ys / max(h - 1, 1) - 1.0).float()
+    gx = (2.0 * xs / max(w - 1, 1) - 1.0).float()
+    grid = torch.stack(torch.meshgrid(gy, gx, indexing="ij")[::-1], dim=-1)
+    grid = grid.unsqueeze(0).expand(n, oh, ow, 2)
+    return F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=True)
+
+
+def _centered_gradient(img: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """OpenCV's centeredGradient of (N, H, W): half central differences, one-sided (halved) at
+    the borders, i.e. central differences on the replicate-padded image."""
+    p = F.pad(img.unsqueeze(1), (1, 1, 1, 1), mode="replicate").squeeze(1)
+    dx = 0.5 * (p[:, 1:-1, 2:] - p[:, 1:-1, :-2])
+    dy = 0.5 * (p[:, 2:, 1:-1] - p[:, :-2, 1:-1])
+    return dx, dy
+
+
+def _forward_gradient(u: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Forward differences of (..., H, W), zero in the last column (x) and last row (y)."""
+    dx = F.pad(u[..., :, 1:] - u[..., :, :-1], (0, 1, 0, 0))
+    dy = F.pad(u[..., 1:, :] - u[..., :-1, :], (0, 0, 0, 1))
+    return dx, dy
+
+
+def _divergence(px: torch.Tensor, py: torch.Tensor) -> torch.Tensor:
+    """Backward-difference divergence of (..., H, W) fields, the field taken as 0 before the
+    first column and row (OpenCV's divergence; the adjoint of ``_forward_gradient``)."""
+    return px - F.pad(px[..., :, :-1], (1, 0, 0, 0)) + py - F.pad(py[..., :-1, :], (0, 0, 1, 0))
+
+
+def _median(u: torch.Tensor, k: int) -> torch.Tensor:
+    """k x k median of (N, C, H, W) with replicated borders (``cv::medianBlur`` on float)."""
+    n, c, h, w = u.shape
+    p = F.pad(u, (k // 2,) * 4, mode="replicate")
+    patches = p.unfold(2, k, 1).unfold(3, k, 1)  # (N, C, H, W, k, k)
+    return patches.reshape(n, c, h, w, k * k).median(dim=-1).values
+
+
+def _remap_cubic(src: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """Sample (N, C, H, W) at (x + u1, y + u2), bicubic (a = -0.75), zero outside, the sampling
+    positions rounded to 1/32 px as ``cv::remap`` does with float maps."""
+    n, _, h, w = src.shape
+    ys = torch.arange(h, device=src.device, dtype=src.dtype).view(1, h, 1)
+    xs = torch.arange(w, device=src.device, dtype=src.dtype).view(1, 1, w)
+    mx = torch.round((xs + u[:, 0]) * 32.0) / 32.0
+    my = torch.round((ys + u[:, 1]) * 32.0) / 32.0
+    grid = torch.stack((2.0 * mx / (w - 1) - 1.0, 2.0 * my / (h - 1) - 1.0), dim=-1)
+    return F.grid_sample(src, grid, mode="bicubic", padding_mode="zeros", align_corners=True)
+
+
+class TorchTVL1Flow:
+    """Dual TV-L1 flow as OpenCV's ``cv2.optflow.DualTVL1OpticalFlow_create()`` computes it.
+
+    ``estimator(prev, next)`` for one uint8 (H, W) pair -> float32 (H, W, 2) (u, v), like the
+    other estimators of ``stm.data.flow``; ``compute(prevs, nexts)`` for N pairs of one size at
+    once -> (N, H, W, 2), in chunks of ``batch_size`` pairs. The parameters and their defaults are
+    OpenCV's (``lambda_`` for lambda). ``device``: "cuda" when available, else "cpu".
+    """
+
+    name = "tvl1-torch"
+    batched = True  # ``compute`` takes many pairs at once (see stm.data.preprocess)
+
+    def __init__(
+        self,
+        tau: float = 0.25,
+        lambda_: float = 0.15,
+        theta: float = 0.3,
+        nscales: int = 5,
+        warps: int = 5,
+        epsilon: float = 0.01,
+        inner_iterations: int = 30,
+        outer_iterations: int = 10,
+        scale_step: float = 0.8,
+        gamma: float = 0.0,
+        median_filtering: int = 5,
+        device: str | torch.device | None = None,
+        batch_size: int = 64,
+    ) -> None:
+        if gamma != 0.0:
+            raise NotImplementedError("gamma != 0 (illumination term) is not implemented")
+        if median_filtering > 1 and median_filtering % 2 == 0:
+            raise ValueError("median_filtering must be odd")
+        self.tau, self.lambda_, self.theta = tau, lambda_, theta
+        self.nscales, self.warps, self.epsilon = nscales, warps, epsilon
+        self.inner_iterations, self.outer_iterations = inner_iterations, outer_iterations
+        self.scale_step, self.gamma, self.median_filtering = scale_step, gamma, median_filtering
+        self.device = torch.device(device or default_device())
+        self.batch_size = batch_size
+
+    # --- public API -----------------------------------------------------------------------
+    def __call__(self, prev: np.ndarray, nxt: np.ndarray) -> np.ndarray:
+        return self.compute(prev[None], nxt[None])[0]
+
+    def compute(
+        self, prevs: np.ndarray | Sequence[np.ndarray], nexts: np.ndarray | Sequence[np.ndarray]
+    ) -> np.ndarray:
+        """Flow from ``prevs[i]`` to ``nexts[i]`` for N grayscale pairs of one size."""
+        prevs, nexts = np.asarray(prevs), np.asarray(nexts)
+        if prevs.shape != nexts.shape or prevs.ndim != 3:
+            raise ValueError(f"expected two (N, H, W) stacks, got {prevs.shape}, {nexts.shape}")
+        n, h, w = prevs.shape
+        if h < 3 or w < 3:
+            raise ValueError(f"frames of {h}x{w}: TV-L1 needs at least 3x3")
+        out = np.empty((n, h, w, 2), dtype=np.float32)
+        for s in range(0, n, self.batch_size):
+            out[s : s + self.batch_size] = self.compute_tensor(
+                torch.from_numpy(prevs[s : s + self.batch_size]),
+                torch.from_numpy(nexts[s : s + self.batch_size]),
+            ).cpu().numpy()  # fmt: skip
+        return out
+
+    @torch.no_grad()
+    def compute_tensor(self, i0: torch.Tensor, i1: torch.Tensor) -> torch.Tensor:
+        """(N, H, W) tensors (uint8 0..255 or float 0..1, like OpenCV) -> (N, H, W, 2) flow on
+        ``self.device``."""
+        scale = 1.0 if i0.dtype == torch.uint8 else 255.0
+        i0 = i0.to(self.device).float() * scale
+        i1 = i1.to(self.device).float() * scale
+        n, h, w = i0.shape
+        i0s, i1s = [i0], [i1]
+        for _ in range(1, self.nscales):
+            ph, pw = i0s[-1].shape[-2:]
+            size = (_cv_round(ph * self.scale_step), _cv_round(pw * self.scale_step))
+            if size[0] < 16 or size[1] < 16:
+                break
+            both = torch.stack((i0s[-1], i1s[-1]), dim=1)
+            step = (1.0 / self.scale_step, 1.0 / self.scale_step)
+            small = _resize_linear(both, size, step)
+            i0s.append(small[:, 0])
+            i1s.append(small[:, 1])
+        u = torch.zeros((n, 2, *i0s[-1].shape[-2:]), device=self.device)
+        for s in range(len(i0s) - 1, -1, -1):
+            u = self._one_scale(i0s[s], i1s[s], u)
+            if s > 0:
+                u = _resize_linear(u, tuple(i0s[s - 1].shape[-2:]), None) * (1.0 / self.scale_step)
+        return u.permute(0, 2, 3, 1).contiguous()
+
+    # --- one pyramid level ------------------------------------------------------------------
+    def _one_scale(self, i0: torch.Tensor, i1: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+        n, h, w = i0.shape
+        eps = float(np.float32(self.epsilon * self.epsilon * h * w))
+        l_t = self.lambda_ * self.theta
+        taut = self.tau / self.theta
+        theta = self.theta
+        i1x, i1y = _centered_gradient(i1)
+        src = torch.stack((i1, i1x, i1y), dim=1)
+        p = torch.zeros((n, 2, 2, h, w), device=i0.device)  # p[:, k] = (p_k1, p_k2) for u_k
+        for _ in range(self.warps):
+            warped = _remap_cubic(src, u)
+            i1w, ix, iy = warped[:, 0], warped[:, 1], warped[:, 2]
+            g = torch.stack((ix, iy), dim=1)  # (N, 2, H, W)
+            grad = ix * ix + iy * iy
+            rho_c = i1w - ix * u[:, 0] - iy * u[:, 1] - i0
+            active = torch.ones(n, dtype=torch.bool, device=i0.device)
+            for _ in range(self.outer_iterations):
+                if not bool(active.any()):
+                    break
+                if self.median_filtering > 1:
+                    u = torch.where(active.view(n, 1, 1, 1), _median(u, self.median_filtering), u)
+                for _ in range(self.inner_iterations):
+                    u, p, active = _inner_step(u, p, g, grad, rho_c, active, l_t, theta, taut, eps)
+        return u
+
+
+def _inner_step(u, p, g, grad, rho_c, active, l_t: float, theta: float, taut: float, eps: float):
+    """One inner iteration for the pairs in ``active``; returns (u, p, still active)."""
+    n = u.shape[0]
+    # thresholding step: v = u + d
+    rho = (rho_c + g[:, 0] * u[:, 0] + g[:, 1] * u[:, 1]).unsqueeze(1)
+    lg = (l_t * grad).unsqueeze(1)
+    safe = torch.where(grad > _FLT_EPS, grad, torch.ones_like(grad)).unsqueeze(1)
+    d = torch.where(
+        rho < -lg,
+        l_t * g,
+        torch.where(
+            rho > lg, -l_t * g, torch.where(grad.unsqueeze(1) > _FLT_EPS, -rho / safe * g, 0.0)
+        ),
+    )
+    v = u + d
+    # primal update
+    div = _divergence(p[:, :, 0], p[:, :, 1])  # (N, 2, H, W)
+    u_new = v + theta * div
+    err = ((u_new - u) ** 2).sum(dim=(1, 2, 3))
+    # dual update
+    ux, uy = _forward_gradient(u_new)
+    norm = 1.0 + taut * torch.sqrt(ux * ux + uy * uy)
+    p_new = (p + taut * torch.stack((ux, uy), dim=2)) / norm.unsqueeze(2)
+    a4 = active.view(n, 1, 1, 1)
+    u = torch.where(a4, u_new, u)
+    p = torch.where(a4.unsqueeze(-1), p_new, p)
+    return u, p, active & (err > eps)
+
+
+_FLT_EPS = float(np.finfo(np.float32).eps)
