@@ -14,6 +14,14 @@ bare processes; steadier than wall time on a shared machine). It asserts nothing
 
     python benchmarks/flow_throughput.py                       # tvl1, dis, farneback
     python benchmarks/flow_throughput.py --algorithms dis --videos 8 --smoke-test
+
+Batched estimators (``tvl1-torch``: TV-L1 in PyTorch, on CUDA when present) run their bare loop
+in this process, all pairs of a video in one ``compute`` call. ``--no-ray`` runs the bare loops
+only, on frames of a moving real photograph made here (no Ray, no PyAV, no video files: it runs
+on a machine with plain PyTorch and OpenCV):
+
+    python benchmarks/flow_throughput.py --no-ray --algorithms tvl1-torch tvl1 \
+        --width 340 --height 256 --videos 2 --frames 9 --workers 1
 """
 
 from __future__ import annotations
@@ -28,10 +36,7 @@ import time
 import cv2
 import numpy as np
 
-from stm.data.decode import decode_video
 from stm.data.flow import FLOW_ESTIMATORS, make_estimator
-from stm.data.preprocess import PreprocessConfig, run_preprocess
-from stm.data.sources import generate_synthetic, list_videos
 
 _estimator = None
 
@@ -60,6 +65,72 @@ def bare_loop(name: str, videos: list[np.ndarray], workers: int) -> tuple[int, f
     return sum(n for n, _ in done), wall, sum(c for _, c in done)
 
 
+def batched_loop(name: str, videos: list[np.ndarray], device: str | None):
+    """(pairs, wall seconds, CPU seconds) of a batched estimator in this process, one
+    ``compute`` call per video (warm-up excluded)."""
+    est = make_estimator(name, **({"device": device} if device else {}))
+    est.compute(videos[0][:1], videos[0][1:2])  # warm up: CUDA context, kernels
+    _sync(est)
+    cpu, start = time.process_time(), time.perf_counter()
+    for v in videos:
+        est.compute(v[:-1], v[1:])
+    _sync(est)
+    return sum(len(v) - 1 for v in videos), time.perf_counter() - start, time.process_time() - cpu
+
+
+def _sync(est) -> None:
+    if str(getattr(est, "device", "cpu")).startswith("cuda"):
+        import torch
+
+        torch.cuda.synchronize()
+
+
+def bare_run(name: str, videos: list[np.ndarray], workers: int, device: str | None):
+    if getattr(FLOW_ESTIMATORS[name], "batched", False) or name == "tvl1-torch":
+        return batched_loop(name, videos, device)
+    return bare_loop(name, videos, workers)
+
+
+def photo_videos(n: int, frames: int, width: int, height: int) -> list[np.ndarray]:
+    """``n`` grayscale clips of a real photograph (matplotlib's sample grace_hopper.jpg) panning
+    and rotating by sub-pixel steps, ``frames`` frames of width x height each."""
+    import matplotlib
+
+    path = os.path.join(matplotlib.get_data_path(), "sample_data", "grace_hopper.jpg")
+    img = cv2.imread(path, cv2.IMREAD_GRAYSCALE)
+    big = cv2.resize(img, (width + 80, height + 80), interpolation=cv2.INTER_AREA)
+    rng = np.random.default_rng(0)
+    out = []
+    for _ in range(n):
+        (dx, dy), ang = rng.uniform(-2.5, 2.5, size=2), rng.uniform(-1.0, 1.0)
+        clip = []
+        for t in range(frames):
+            m = cv2.getRotationMatrix2D(((width + 80) / 2, (height + 80) / 2), ang * t, 1.0)
+            m[:, 2] += (dx * t, dy * t)
+            moved = cv2.warpAffine(big, m, big.shape[::-1], flags=cv2.INTER_CUBIC)
+            clip.append(moved[40 : 40 + height, 40 : 40 + width])
+        out.append(np.ascontiguousarray(np.stack(clip)))
+    return out
+
+
+def main_no_ray(a) -> None:
+    gray = photo_videos(a.videos, a.frames, a.width, a.height)
+    pairs = sum(len(g) - 1 for g in gray)
+    print(
+        f"{a.videos} clips x {a.frames} frames of {a.width}x{a.height} = {pairs} frame pairs, "
+        f"{a.workers} processes (batched estimators: this process, device {a.device or 'auto'}); "
+        f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores; "
+        f"{time.strftime('%Y-%m-%d')}"
+    )
+    print("flow       | bare pairs/s | CPU ms/pair (this process or the pool) | load avg")
+    for name in a.algorithms:
+        n, wall, cpu = bare_run(name, gray, a.workers, a.device)
+        print(
+            f"{name:10s} | {n / wall:12.2f} | {1000 * cpu / n:13.1f} | {os.getloadavg()[0]:.1f}",
+            flush=True,
+        )
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--algorithms", nargs="+", default=sorted(FLOW_ESTIMATORS, reverse=True))
@@ -71,11 +142,20 @@ def main() -> None:
     p.add_argument("--videos-per-shard", type=int, default=2)
     p.add_argument("--dir", help="work folder (default: a temp folder)")
     p.add_argument("--smoke-test", action="store_true", help="tiny sizes, to check it runs")
+    p.add_argument("--no-ray", action="store_true", help="bare loops only, no Ray and no PyAV")
+    p.add_argument("--device", help="batched estimators' device (default: cuda when present)")
     a = p.parse_args()
     if a.smoke_test:
         a.videos, a.frames, a.width, a.height = 4, 6, 48, 32
+    if a.no_ray:
+        main_no_ray(a)
+        return
 
     import ray
+
+    from stm.data.decode import decode_video
+    from stm.data.preprocess import PreprocessConfig, run_preprocess
+    from stm.data.sources import generate_synthetic, list_videos
 
     work = a.dir or tempfile.mkdtemp(prefix="stm-flow-bench-")
     root = generate_synthetic(
@@ -99,7 +179,7 @@ def main() -> None:
         " CPU ms/pair bare, pipeline | overhead (CPU) | load avg"
     )
     for name in a.algorithms:
-        n, before_s, before_cpu = bare_loop(name, gray, a.workers)
+        n, before_s, before_cpu = bare_run(name, gray, a.workers, a.device)
         cfg = PreprocessConfig(
             source="ucf101", root=root, splits=root, out=os.path.join(work, f"out-{name}"),
             flow=name, short_side=min(a.width, a.height), num_workers=a.workers,
@@ -109,7 +189,7 @@ def main() -> None:
         if summary.processed != len(items):
             print(f"{name}: {cfg.out} already held results; use a fresh --dir")
             continue
-        n, after_s, after_cpu = bare_loop(name, gray, a.workers)
+        n, after_s, after_cpu = bare_run(name, gray, a.workers, a.device)
         bare = 2 * n / (before_s + after_s)
         pipe = pairs / summary.pipeline_seconds
         bare_cpu = 1000 * (before_cpu + after_cpu) / (2 * n)

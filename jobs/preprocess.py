@@ -38,7 +38,9 @@ def parse_args(argv: list[str] | None = None) -> PreprocessConfig:
     p.add_argument("--root", help="the videos (synthetic: where to write them, default OUT/videos)")
     p.add_argument("--splits", help="the split files' folder (ucf101, hmdb51); default --root")
     p.add_argument("--out", required=True, help="output folder or URI")
-    p.add_argument("--flow", default=d.flow, help="tvl1 | dis | farneback (default tvl1)")
+    p.add_argument(
+        "--flow", default=d.flow, help="tvl1 | tvl1-torch | dis | farneback (default tvl1)"
+    )
     p.add_argument(
         "--short-side", type=int, help="resize to this short side (default 256; synthetic: native)"
     )
@@ -48,6 +50,13 @@ def parse_args(argv: list[str] | None = None) -> PreprocessConfig:
     p.add_argument("--seed", type=int, default=d.seed, help="synthetic only")
     p.add_argument("--workers", type=int, help="flow actors (default: every CPU of the cluster)")
     p.add_argument("--videos-per-shard", type=int, default=d.videos_per_shard)
+    p.add_argument(
+        "--gpus-per-worker",
+        type=float,
+        default=d.gpus_per_worker,
+        help="GPUs per flow actor, for --flow tvl1-torch on GPU nodes (default 0: CPU only; "
+        "then --workers defaults to the cluster's GPUs / this)",
+    )
     p.add_argument("--retry-failed", action="store_true", help="redo videos that failed before")
     a = p.parse_args(argv)
     return PreprocessConfig(
@@ -64,6 +73,7 @@ def parse_args(argv: list[str] | None = None) -> PreprocessConfig:
         num_workers=a.workers,
         videos_per_shard=a.videos_per_shard,
         retry_failed=a.retry_failed,
+        gpus_per_worker=a.gpus_per_worker,
     )
 
 

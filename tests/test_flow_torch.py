@@ -102,3 +102,34 @@ def test_registered_as_tvl1_torch() -> None:
     assert "tvl1-torch" in FLOW_ESTIMATORS
     est = make_estimator("tvl1-torch")
     assert isinstance(est, TorchTVL1Flow) and est.batched
+
+
+def test_process_video_batches_all_pairs(tmp_path, estimator) -> None:
+    """The preprocessing sends all pairs of a video through ``compute`` at once."""
+    pytest.importorskip("av")
+    from dataclasses import asdict
+
+    from stm.data import shards as S
+    from stm.data.flow import dequantize
+    from stm.data.preprocess import process_video
+    from stm.data.sources import VideoItem, write_video
+
+    big = texture(H, W + 20, seed=1)
+    frames = np.stack(
+        [cv2.cvtColor(big[:, 10 - 2 * t : 10 - 2 * t + W], cv2.COLOR_GRAY2RGB) for t in range(3)]
+    )
+    path = str(tmp_path / "moving.avi")
+    write_video(path, frames)
+    calls = []
+
+    class Spy:
+        batched = True
+
+        def compute(self, prevs, nexts):
+            calls.append(len(prevs))
+            return estimator.compute(prevs, nexts)
+
+    row = process_video(asdict(VideoItem("c/m", path, 0, "c", (1,), ())), Spy(), short_side=None)
+    assert calls == [2] and len(row[S.FLOW_U]) == 2
+    u = np.stack([dequantize(S.decode_jpeg(b, gray=True)) for b in row[S.FLOW_U]])
+    assert np.median(u[:, 8:-8, 8:-8]) == pytest.approx(2.0, abs=0.4)

@@ -90,14 +90,15 @@ FLOW_ESTIMATORS: dict[str, type | Callable] = {
 }
 
 
-def make_estimator(flow: str | type):
-    """Build the estimator named ``flow`` (a key of ``FLOW_ESTIMATORS``) or of class ``flow``."""
+def make_estimator(flow: str | type, **kwargs):
+    """Build the estimator named ``flow`` (a key of ``FLOW_ESTIMATORS``) or of class ``flow``;
+    ``kwargs`` go to its constructor (e.g. ``device`` for tvl1-torch)."""
     if isinstance(flow, type):
-        return flow()
+        return flow(**kwargs)
     if flow not in FLOW_ESTIMATORS:
         valid = ", ".join(sorted(FLOW_ESTIMATORS))
         raise ValueError(f"unknown flow algorithm {flow!r} (valid: {valid})")
-    return FLOW_ESTIMATORS[flow]()
+    return FLOW_ESTIMATORS[flow](**kwargs)
 
 
 def _check(flow: np.ndarray, prev: np.ndarray) -> np.ndarray:

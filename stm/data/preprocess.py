@@ -31,6 +31,7 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 
 import cv2
+import numpy as np
 import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
@@ -79,6 +80,7 @@ class PreprocessConfig:
     synthetic_height: int = SYNTHETIC_HEIGHT  # synthetic only
     synthetic_frames: int = SYNTHETIC_NUM_FRAMES  # synthetic only
     num_workers: int | None = None  # flow actors (1 CPU each); None: every CPU of the cluster
+    gpus_per_worker: float = 0.0  # GPUs per flow actor (tvl1-torch); >0: None workers = GPUs/this
     videos_per_shard: int = 8  # videos per task and per shard file (also the resume granularity)
     retry_failed: bool = False  # process videos that failed in an earlier run again
     jpeg_quality: int = S.JPEG_QUALITY
@@ -157,11 +159,15 @@ def process_video(
         raise DecodeError(item["missing"])
     rgb, flow_u, flow_v = [], [], []
     prev = None
+    batched = getattr(estimator, "batched", False)  # e.g. tvl1-torch: all pairs in one call
+    grays = []
     with VideoReader(item["path"]) as video:
         for frame in video.frames(short_side, max_frames):  # (H, W, 3) RGB
             rgb.append(S.encode_jpeg(frame, jpeg_quality))
             gray = cv2.cvtColor(frame, cv2.COLOR_RGB2GRAY)
-            if prev is not None:
+            if batched:
+                grays.append(gray)
+            elif prev is not None:
                 u, v = quantize_flow(estimator(prev, gray))  # flow k: frame k -> k + 1
                 flow_u.append(S.encode_jpeg(u, jpeg_quality))
                 flow_v.append(S.encode_jpeg(v, jpeg_quality))
@@ -169,6 +175,12 @@ def process_video(
         fps = video.fps
     if len(rgb) < 2:
         raise DecodeError(f"only {len(rgb)} frame: flow needs at least 2")
+    if batched:
+        stack = np.stack(grays)
+        for flow in estimator.compute(stack[:-1], stack[1:]):  # flow k: frame k -> k + 1
+            u, v = quantize_flow(flow)
+            flow_u.append(S.encode_jpeg(u, jpeg_quality))
+            flow_v.append(S.encode_jpeg(v, jpeg_quality))
     return {
         S.VIDEO_ID: item["video_id"],
         S.LABEL: item["label"],
@@ -332,6 +344,8 @@ def _validate(cfg: PreprocessConfig) -> None:
         raise UsageError(f"unknown source {cfg.source!r} (valid: {', '.join(SOURCES)})")
     if cfg.flow not in FLOW_ESTIMATORS:
         raise UsageError(f"unknown flow {cfg.flow!r} (valid: {', '.join(sorted(FLOW_ESTIMATORS))})")
+    if cfg.gpus_per_worker < 0:
+        raise UsageError(f"--gpus-per-worker must be >= 0, got {cfg.gpus_per_worker}")
     if cfg.source != "synthetic" and not cfg.root:
         raise UsageError(f"--root is required for --source {cfg.source}")
     if cfg.short_side is not None and cfg.short_side < 8:
@@ -431,7 +445,13 @@ def _run_pipeline(
         }
         for g in groups
     ]
-    workers = cfg.num_workers or max(1, int(ray.cluster_resources().get("CPU", 1)))
+    if cfg.num_workers:
+        workers = cfg.num_workers
+    elif cfg.gpus_per_worker > 0:
+        gpus = ray.cluster_resources().get("GPU", 0)
+        workers = max(1, int(gpus / cfg.gpus_per_worker))
+    else:
+        workers = max(1, int(ray.cluster_resources().get("CPU", 1)))
     workers = min(workers, len(groups))
     logger.info(
         "%d groups of up to %d videos on %d flow actors", len(groups), cfg.videos_per_shard, workers
@@ -461,6 +481,7 @@ def _run_pipeline(
             # one group at a time per actor: groups are long, queues would unbalance the pool
             compute=ray.data.ActorPoolStrategy(size=workers, max_tasks_in_flight_per_actor=1),
             num_cpus=1,
+            **({"num_gpus": cfg.gpus_per_worker} if cfg.gpus_per_worker > 0 else {}),
             max_task_retries=MAX_TASK_RETRIES,
         )
     frames, busy, cpu, seen = 0, 0.0, 0.0, set()
