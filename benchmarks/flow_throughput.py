@@ -69,7 +69,7 @@ def batched_loop(name: str, videos: list[np.ndarray], device: str | None):
     """(pairs, wall seconds, CPU seconds) of a batched estimator in this process, one
     ``compute`` call per video (warm-up excluded)."""
     est = make_estimator(name, **({"device": device} if device else {}))
-    est.compute(videos[0][:1], videos[0][1:2])  # warm up: CUDA context, kernels
+    est.compute(videos[0][:1, :48, :64], videos[0][1:2, :48, :64])  # warm up: CUDA, kernels
     _sync(est)
     cpu, start = time.process_time(), time.perf_counter()
     for v in videos:
