@@ -1,0 +1,248 @@
+"""A trained model on new videos and on a test split, with the paper's test protocol (Sect. 4.2):
+25 uniformly spaced frames and their flips, the whole frame, fully convolutional, scores averaged
+over space, time, flips and the two streams.
+
+A new video goes through exactly the preprocessing of the training data (``process_video``:
+PyAV decode, resize, the same flow estimator, quantisation and JPEG round trip), then through
+``test_clip`` and ``video_scores`` like the evaluation inside training. Plain PyTorch: no Ray.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from stm.cli import UsageError
+from stm.config import TrainConfig
+from stm.model.two_stream import TwoStreamNet
+
+log = logging.getLogger(__name__)
+
+DEFAULT_PREPROCESSING = {"flow": "tvl1", "short_side": 256, "jpeg_quality": 90}
+
+
+@dataclass
+class LoadedModel:
+    """A network rebuilt from its checkpoint, with what prediction needs beside it."""
+
+    model: TwoStreamNet
+    cfg: TrainConfig
+    class_names: list[str]
+    preprocessing: dict[str, Any]  # flow, short_side (None = native size), jpeg_quality
+    source: str = ""  # where it came from (for messages)
+
+
+@dataclass
+class Prediction:
+    top: list[tuple[str, float]]  # (class, fused score), best first
+    scores: dict[str, np.ndarray] = field(default_factory=dict)  # stream -> (K,) probabilities
+    frames: int = 0  # decoded RGB frames
+    seconds: float = 0.0
+
+
+def load_model_dir(path: str | Path, source: str = "") -> LoadedModel:
+    """A model folder (``stm.train.registry.bundle``) or a bare checkpoint file / folder."""
+    from stm.data.shards import read_classes, read_dataset_info
+    from stm.train.loop import load_checkpoint, model_from_checkpoint
+
+    path = Path(path)
+    folder = path if path.is_dir() else path.parent
+    state = load_checkpoint(path)
+    model, cfg = model_from_checkpoint(path)
+    model.eval()
+    classes = list(state.get("class_names") or [])
+    info: dict[str, Any] = {}
+    if (folder / "dataset.json").is_file():
+        info = json.loads((folder / "dataset.json").read_text())
+    if not classes and (folder / "classes.json").is_file():
+        classes = json.loads((folder / "classes.json").read_text())
+    if (not info or not classes) and cfg.data:  # a training checkpoint: ask its dataset
+        try:
+            info = info or read_dataset_info(cfg.data)
+            classes = classes or read_classes(cfg.data)
+        except (FileNotFoundError, OSError, ValueError):
+            pass
+    if len(classes) != cfg.model.num_classes:
+        classes = [f"class_{i}" for i in range(cfg.model.num_classes)]
+    pre = dict(DEFAULT_PREPROCESSING)
+    pre.update({k: info[k] for k in DEFAULT_PREPROCESSING if k in info})
+    return LoadedModel(model, cfg, classes, pre, source or str(path))
+
+
+def default_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def _stream_inputs(
+    clip: dict[str, np.ndarray], stage: str, device: torch.device
+) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """uint8 test views (B, V, T, C, H, W) to the model's float inputs on ``device``."""
+    from stm.train.steps import model_inputs
+
+    batch = {k: torch.from_numpy(np.ascontiguousarray(clip[k])) for k in ("rgb", "flow")}
+    return model_inputs(batch, stage, device)
+
+
+def predict_video(
+    loaded: LoadedModel,
+    video: str,
+    *,
+    flow: str | None = None,
+    short_side: int | None = None,
+    top_k: int = 5,
+    test_frames: int | None = None,
+    device: torch.device | None = None,
+) -> Prediction:
+    """Classify one video file with the paper's test protocol.
+
+    Args:
+        loaded: the model (``load_model_dir``).
+        video: a local path or URI of a video file.
+        flow: the flow estimator (default: the one the training data used).
+        short_side: resize so the short side is this (default: as the training data; 0 keeps
+            the video's own size).
+        top_k: how many classes to return.
+        test_frames: chunks per video (default: the model's training config, 25 in the paper).
+        device: default CUDA when available.
+
+    Raises ``stm.data.decode.DecodeError`` for a video that cannot be decoded.
+    """
+    from stm.data.clips import test_clip
+    from stm.data.flow import make_estimator
+    from stm.data.preprocess import process_video
+    from stm.train.steps import video_scores
+
+    started = time.perf_counter()
+    cfg = loaded.cfg
+    pre = loaded.preprocessing
+    if short_side is None:
+        short_side = pre["short_side"]
+    item = {
+        "video_id": Path(video).stem,
+        "path": video,
+        "missing": "",
+        "label": 0,
+        "class_name": "",
+        "train_splits": [],
+        "test_splits": [],
+    }
+    row = process_video(
+        item, make_estimator(flow or pre["flow"]), short_side or None, None, pre["jpeg_quality"]
+    )
+    clip = test_clip(
+        row,
+        num_frames=test_frames or cfg.test_frames,
+        flow_length=cfg.model.flow_length,
+        mode=cfg.test_mode,
+        crop_size=cfg.crop_size,
+    )
+    device = device or default_device()
+    model = loaded.model.to(device).eval()
+    rgb, flw = _stream_inputs(
+        {"rgb": clip["rgb"][None], "flow": clip["flow"][None]}, cfg.stage, device
+    )
+    scores = video_scores(model, rgb, flw, bf16=device.type == "cuda")
+    probs = scores.get("fused", next(iter(scores.values())))[0].cpu().numpy()
+    order = np.argsort(-probs, kind="stable")[: max(1, top_k)]
+    return Prediction(
+        top=[(loaded.class_names[i], float(probs[i])) for i in order],
+        scores={k: v[0].cpu().numpy() for k, v in scores.items()},
+        frames=int(row["num_frames"]),
+        seconds=time.perf_counter() - started,
+    )
+
+
+@dataclass
+class SplitEvaluation:
+    accuracy: dict[str, float]  # appearance / motion / fused (those the stage scores)
+    videos: int
+    seconds: float
+    confusion: dict[str, np.ndarray] = field(default_factory=dict)
+
+
+def _test_batches(
+    data: str, split: int, cfg: TrainConfig, limit: int | None
+) -> Iterator[dict[str, torch.Tensor]]:
+    """One video at a time (full frames differ in size across videos): its test views."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    from stm.data.clips import test_batch
+    from stm.data.shards import TEST_SPLITS, VIDEO_ID, in_split, shards_dataset
+    from stm.train.ingest import CLIP_COLUMNS
+
+    ds = shards_dataset(data)
+    ids = ds.to_table(columns=[VIDEO_ID, TEST_SPLITS])
+    ids = ids.filter(in_split(ids, split, train=False)).column(VIDEO_ID)
+    if limit:
+        ids = ids.slice(0, limit)
+    scanner = ds.to_batches(
+        columns=CLIP_COLUMNS, filter=pc.field(VIDEO_ID).isin(ids.combine_chunks()), batch_size=1
+    )
+    for batch in scanner:
+        if batch.num_rows == 0:
+            continue
+        clips = test_batch(
+            pa.Table.from_batches([batch]),
+            num_frames=cfg.test_frames,
+            flow_length=cfg.model.flow_length,
+            mode=cfg.test_mode,
+            crop_size=cfg.crop_size,
+        )
+        yield {k: torch.from_numpy(v) for k, v in clips.items()}
+
+
+def evaluate_split(
+    loaded: LoadedModel,
+    data: str,
+    split: int,
+    *,
+    device: torch.device | None = None,
+    limit: int | None = None,
+) -> SplitEvaluation:
+    """The test protocol over the test list of ``split`` of a preprocessed dataset: video
+    accuracy of each stream and of their fusion. One-line ``UsageError`` for data that does
+    not fit the model."""
+    from stm.data.shards import read_classes
+    from stm.train.ingest import split_sizes
+    from stm.train.steps import accuracy, evaluate
+
+    try:
+        classes = read_classes(data)
+        _, num_test = split_sizes(data, split)
+    except (FileNotFoundError, OSError, ValueError) as err:
+        raise UsageError(f"--data {data}: not a preprocessed dataset ({err})") from None
+    if len(classes) != loaded.cfg.model.num_classes:
+        raise UsageError(
+            f"--data {data} has {len(classes)} classes, the model {loaded.cfg.model.num_classes}"
+        )
+    if classes != loaded.class_names and not loaded.class_names[0].startswith("class_"):
+        raise UsageError(f"--data {data}: its classes are not the model's (classes.json)")
+    if num_test == 0:
+        raise UsageError(f"--split {split}: no test videos in {data}")
+    device = device or default_device()
+    started = time.perf_counter()
+    model = loaded.model.to(device).eval()
+    confusion = evaluate(
+        model,
+        _test_batches(data, split, loaded.cfg, limit),
+        stage=loaded.cfg.stage,
+        num_classes=loaded.cfg.model.num_classes,
+        device=device,
+        bf16=device.type == "cuda",
+    )
+    videos = int(next(iter(confusion.values())).sum())
+    return SplitEvaluation(
+        accuracy={k: accuracy(c) for k, c in confusion.items()},
+        videos=videos,
+        seconds=time.perf_counter() - started,
+        confusion=confusion,
+    )
