@@ -23,6 +23,7 @@ from stm.data.shards import (
     RGB,
     VIDEO_ID,
     WIDTH,
+    decode_jpeg,
 )
 
 H, W, N = 48, 64, 40
@@ -306,6 +307,54 @@ def test_train_clip_rejects_unknown_crop():
         C.train_clip(level_row(), crop="random", rng=np.random.default_rng(0))
 
 
+def _noise_row(n: int = 12) -> dict:
+    """A row whose RGB, u and v frames are all different random images (no symmetry)."""
+    rng = np.random.default_rng(5)
+    rgb = [_jpeg(rng.integers(0, 256, (H, W, 3), dtype=np.uint8)) for _ in range(n)]
+    u = [_jpeg(rng.integers(0, 256, (H, W), dtype=np.uint8)) for _ in range(n - 1)]
+    v = [_jpeg(rng.integers(0, 256, (H, W), dtype=np.uint8)) for _ in range(n - 1)]
+    return {VIDEO_ID: "c/noise", LABEL: 0, NUM_FRAMES: n, RGB: rgb, FLOW_U: u, FLOW_V: v}
+
+
+@pytest.mark.parametrize("flip", [False, True])
+@pytest.mark.parametrize(
+    "box, out",
+    [
+        (C.CropBox(3, 5, 40, 50), (S, S)),  # shrink
+        (C.CropBox(10, 20, 24, 30), (S, S)),  # enlarge, non-square crop
+        (C.CropBox(0, 0, H, W), (H, W)),  # no resize (full-frame test view)
+    ],
+)
+def test_chunk_flow_stack_matches_per_plane_reference(box, out, flip):
+    """_chunk resizes the flow planes into one preallocated stack, then mirrors the whole stack
+    and inverts u in place: it must give the straightforward per-plane result (crop,
+    INTER_LINEAR resize, mirror, u -> 255 - u on a flip), into a given array or a new one."""
+    row = _noise_row()
+    frames = C._FrameCache(row)
+    idx = C.flow_stack_indices(6, row[NUM_FRAMES] - 1)  # clamped at the end: 1 .. 10
+    out_h, out_w = out
+    rgb, flow = C._chunk(frames, 6, idx, box, out_h, out_w, flip)
+    assert rgb.shape == (3, out_h, out_w) and flow.shape == (2 * L, out_h, out_w)
+    into = np.zeros((2, 2 * L, out_h, out_w), np.uint8)
+    C._chunk(frames, 6, idx, box, out_h, out_w, flip, into[1])
+    np.testing.assert_array_equal(into[1], flow)
+    assert not into[0].any()
+
+    def ref(img):
+        crop = img[box.y : box.y + box.h, box.x : box.x + box.w]
+        if crop.shape[:2] != (out_h, out_w):
+            crop = cv2.resize(crop, (out_w, out_h), interpolation=cv2.INTER_LINEAR)
+        return crop[:, ::-1] if flip else crop
+
+    expected = np.empty_like(flow)
+    for k, f in enumerate(idx):
+        u = ref(decode_jpeg(row[FLOW_U][f], gray=True)).astype(np.int16)
+        expected[2 * k] = 255 - u if flip else u
+        expected[2 * k + 1] = ref(decode_jpeg(row[FLOW_V][f], gray=True))
+    np.testing.assert_array_equal(flow, expected)
+    np.testing.assert_array_equal(rgb, ref(decode_jpeg(row[RGB][6])).transpose(2, 0, 1))
+
+
 # --- test views -------------------------------------------------------------------------------
 
 
@@ -412,6 +461,53 @@ def test_train_clip_sampler_batch_reproducible_per_video_and_epoch():
     # seed=None: fresh randomness on every call
     fresh = {tuple(first_times(C.train_batch(batch, seed=None, crop_size=S))) for _ in range(6)}
     assert len(fresh) > 1
+
+
+def test_arrow_batches_read_only_needed_jpegs_and_match_numpy_batches():
+    """pyarrow Tables and RecordBatches give the clips of the numpy format, and their JPEG
+    columns are not converted to Python bytes wholesale (only the needed elements are read)."""
+    rows = [level_row(video_id="x/one", label=2), level_row(n=30, video_id="x/two", label=5)]
+    table = pa.Table.from_pylist(rows)
+    arrow_rows = C._batch_rows(table)
+    assert [r[VIDEO_ID] for r in arrow_rows] == ["x/one", "x/two"]
+    assert [r[NUM_FRAMES] for r in arrow_rows] == [N, 30]
+    assert not isinstance(arrow_rows[0][RGB], list) and len(arrow_rows[1][FLOW_U]) == 29
+    assert bytes(arrow_rows[1][FLOW_V][7]) == rows[1][FLOW_V][7]
+    expected = C.train_batch(_numpy_batch(rows), epoch=1, seed=3, crop_size=S)
+    for batch in (table, table.to_batches()[0]):
+        got = C.train_batch(batch, epoch=1, seed=3, crop_size=S)
+        for k in expected:
+            np.testing.assert_array_equal(got[k], expected[k])
+    expected = C.test_batch(_numpy_batch(rows), num_frames=3, mode="10crop", crop_size=S)
+    got = C.test_batch(table, num_frames=3, mode="10crop", crop_size=S)
+    for k in expected:
+        np.testing.assert_array_equal(got[k], expected[k])
+
+
+def test_shard_files_old_and_new_compression_give_the_same_clips(tmp_path):
+    """write_table_atomic stores the JPEG columns uncompressed (the rest zstd); shards written
+    before that (zstd everywhere) still read, with the same clips."""
+    import pyarrow.parquet as pq
+
+    from stm.data.shards import resolve, write_table_atomic
+
+    rows = [level_row(video_id="x/one", label=2), level_row(n=30, video_id="x/two", label=5)]
+    table = pa.Table.from_pylist(rows)
+    fs, root = resolve(str(tmp_path))
+    write_table_atomic(fs, f"{root}/new.parquet", table)
+    pq.write_table(table, tmp_path / "old.parquet", row_group_size=1, compression="zstd")
+    meta = pq.ParquetFile(tmp_path / "new.parquet").metadata.row_group(0)
+    cols = [meta.column(i) for i in range(meta.num_columns)]
+    codecs = {c.path_in_schema: c.compression for c in cols}
+    assert codecs[f"{RGB}.list.element"] == "UNCOMPRESSED"
+    assert codecs[f"{FLOW_U}.list.element"] == codecs[f"{FLOW_V}.list.element"] == "UNCOMPRESSED"
+    assert codecs[VIDEO_ID] == codecs[LABEL] == "ZSTD"
+    new, old = (
+        C.train_batch(pq.read_table(tmp_path / f), epoch=0, seed=1, crop_size=S)
+        for f in ("new.parquet", "old.parquet")
+    )
+    for k in new:
+        np.testing.assert_array_equal(new[k], old[k])
 
 
 def test_test_clip_sampler_batch():

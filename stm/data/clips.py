@@ -26,6 +26,7 @@ from typing import Any, NamedTuple
 
 import cv2
 import numpy as np
+import pyarrow as pa
 import torch
 
 from stm.data.shards import FLOW_CENTER, FLOW_U, FLOW_V, LABEL, NUM_FRAMES, RGB, VIDEO_ID
@@ -252,19 +253,41 @@ def _chunk(
     out_h: int,
     out_w: int,
     flip: bool,
+    flow_out: np.ndarray | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """One chunk: the RGB frame t (3, H', W') and its flow stack (2L, H', W'), cropped alike.
 
     Flow values are resized as images, not rescaled with the crop's zoom, as in the original code.
     On a flip, u becomes 255 - u: the mirrored image moves the other way horizontally.
+
+    Each flow plane is resized straight into its place in the stack (``flow_out``, a C-contiguous
+    uint8 (2L, H', W') array, e.g. the caller's clip slice; allocated when None), then the whole
+    stack is mirrored in one in-place ``cv2.flip`` and u inverted in place (255 - u == ~u).
+    One ``cv2.resize`` of an (h, w, 2L) array gives the same values but was measured slower
+    (docs/performance.md): the 2L-channel resize alone takes longer than 2L one-plane resizes.
     """
     rgb = _crop_resize(frames.get(RGB, t), box, out_h, out_w, flip).transpose(2, 0, 1)  # (3,H',W')
-    flow = np.empty((2 * len(flow_idx), out_h, out_w), dtype=np.uint8)  # (2L, H', W')
+    if flow_out is None:
+        flow_out = np.empty((2 * len(flow_idx), out_h, out_w), dtype=np.uint8)  # (2L, H', W')
+    elif not flow_out.flags.c_contiguous:  # the in-place flip below needs a reshape view
+        raise ValueError("flow_out must be C-contiguous")
+    ys, xs = slice(box.y, box.y + box.h), slice(box.x, box.x + box.w)
+    resize = box.h != out_h or box.w != out_w
     for k, f in enumerate(flow_idx):
-        u = _crop_resize(frames.get(FLOW_U, f), box, out_h, out_w, flip)
-        flow[2 * k] = 255 - u if flip else u
-        flow[2 * k + 1] = _crop_resize(frames.get(FLOW_V, f), box, out_h, out_w, flip)
-    return rgb, flow
+        for plane, column in ((2 * k, FLOW_U), (2 * k + 1, FLOW_V)):
+            crop = frames.get(column, f)[ys, xs]
+            if resize:
+                cv2.resize(
+                    crop, (out_w, out_h), dst=flow_out[plane], interpolation=cv2.INTER_LINEAR
+                )
+            else:
+                flow_out[plane] = crop
+    if flip:
+        rows = flow_out.reshape(-1, out_w)  # a view: every row of every plane
+        cv2.flip(rows, 1, dst=rows)
+        u = flow_out[0::2]
+        np.invert(u, out=u)  # 255 - u for uint8
+    return rgb, flow_out
 
 
 def _frame_shape(frames: _FrameCache, t: int) -> tuple[int, int]:
@@ -317,7 +340,7 @@ def train_clip(
     flow = np.empty((num_chunks, 2 * flow_length, crop_size, crop_size), dtype=np.uint8)
     for i, t in enumerate(times):
         idx = flow_stack_indices(int(t), n - 1, flow_length)  # (L,)
-        rgb[i], flow[i] = _chunk(frames, int(t), idx, box, crop_size, crop_size, flip)
+        rgb[i] = _chunk(frames, int(t), idx, box, crop_size, crop_size, flip, flow[i])[0]
     return {
         "rgb": rgb,
         "flow": flow,
@@ -363,7 +386,7 @@ def test_clip(
     for i, t in enumerate(times):
         idx = flow_stack_indices(int(t), n - 1, flow_length)  # (L,)
         for v, (box, flip) in enumerate(views):
-            rgb[v, i], flow[v, i] = _chunk(frames, int(t), idx, box, out_h, out_w, flip)
+            rgb[v, i] = _chunk(frames, int(t), idx, box, out_h, out_w, flip, flow[v, i])[0]
     return {"rgb": rgb, "flow": flow, "label": int(row[LABEL]), "times": times}
 
 
@@ -398,11 +421,42 @@ def to_model_inputs(
 # --- batch samplers for Ray Data map_batches --------------------------------------------------
 
 
+class _ArrowList(Sequence):
+    """The JPEGs of one video in an Arrow ``list<binary>`` cell, read lazily and without copies.
+
+    Item k is a ``pyarrow.Buffer`` over element k's bytes (``np.frombuffer`` reads it in place),
+    so a clip touches only the JPEGs it decodes, after its frame indices are sampled, instead of
+    turning every frame of the video into Python bytes.
+    """
+
+    def __init__(self, values: pa.Array):
+        self._values = values  # BinaryArray / LargeBinaryArray: this cell's elements (a view)
+
+    def __len__(self) -> int:
+        return len(self._values)
+
+    def __getitem__(self, index: int) -> pa.Buffer:  # type: ignore[override]
+        return self._values[int(index)].as_buffer()
+
+
+_JPEG_COLUMNS = (RGB, FLOW_U, FLOW_V)
+
+
 def _batch_rows(batch: Any) -> list[dict[str, Any]]:
-    """Rows of a map_batches batch: a dict of column arrays ("numpy" format) or a pyarrow Table."""
+    """Rows of a map_batches batch: a dict of column arrays ("numpy" format) or a pyarrow
+    Table / RecordBatch. Arrow JPEG columns stay in Arrow memory (see :class:`_ArrowList`)."""
     if hasattr(batch, "to_pydict"):  # pyarrow.Table / RecordBatch
-        batch = batch.to_pydict()
-    columns = [c for c in (VIDEO_ID, LABEL, NUM_FRAMES, RGB, FLOW_U, FLOW_V) if c in batch]
+        names = set(batch.schema.names)
+        columns = [c for c in (VIDEO_ID, LABEL, NUM_FRAMES, *_JPEG_COLUMNS) if c in names]
+        data = {}
+        for c in columns:
+            col = batch.column(c)
+            if c in _JPEG_COLUMNS:
+                data[c] = [_ArrowList(col[i].values) for i in range(batch.num_rows)]
+            else:
+                data[c] = col.to_pylist()
+        return [{c: data[c][i] for c in columns} for i in range(batch.num_rows)]
+    columns = [c for c in (VIDEO_ID, LABEL, NUM_FRAMES, *_JPEG_COLUMNS) if c in batch]
     size = len(batch[LABEL])
     return [{c: batch[c][i] for c in columns} for i in range(size)]
 

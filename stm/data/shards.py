@@ -60,6 +60,7 @@ DATASET_FILE = "dataset.json"  # source, flow algorithm, short side, number of s
 TMP_PREFIX = ".tmp-"  # in-flight files: ".tmp-<uuid>-<name>.tmp", skipped by every reader
 UNREADABLE_DIR = "unreadable"  # OUT/unreadable/<dir>-<name>: files a rerun found unreadable
 JPEG_QUALITY = 90  # cv2.imencode quality for RGB frames and flow u/v images
+JPEG_COLUMNS = (RGB, FLOW_U, FLOW_V)  # written uncompressed (see write_table_atomic)
 
 STATUS_OK = "ok"
 STATUS_FAILED = "failed"
@@ -157,9 +158,13 @@ def write_table_atomic(fs: pafs.FileSystem, path: str, table: pa.Table) -> None:
     """Write a Parquet file atomically (see ``write_bytes_atomic``).
 
     Each video gets its own row group, so a reader can fetch one video without the others.
+    The JPEG columns (``JPEG_COLUMNS``) are stored uncompressed: zstd saves almost nothing on
+    JPEG bytes and costs a decompression on every read; the other columns are zstd. (Readers
+    take the codec from each file, so shards written with zstd everywhere read as before.)
     """
     sink = pa.BufferOutputStream()
-    pq.write_table(table, sink, row_group_size=1, compression="zstd")
+    compression = {name: "none" if name in JPEG_COLUMNS else "zstd" for name in table.schema.names}
+    pq.write_table(table, sink, row_group_size=1, compression=compression)
     write_bytes_atomic(fs, path, sink.getvalue().to_pybytes())
 
 

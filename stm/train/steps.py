@@ -119,10 +119,16 @@ def train_one_epoch(
             if isinstance(m, nn.modules.batchnorm._BatchNorm):
                 m.eval()
     stats = EpochStats(correct={n: 0 for n in (*streams_of(stage), "fused")})
+    scored = (*streams_of(stage), "fused") if stage == "fused" else streams_of(stage)
     start = time.perf_counter()
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
     for group in _groups(batches, accum_steps):
         optimizer.zero_grad(set_to_none=True)
+        # Per micro-batch, on the device: [loss, correct of each scored name] in float64 (exact
+        # for float32 losses and counts). Read once per update, after the step is queued:
+        # float(loss) / int(count) per micro-batch would wait for the GPU every micro-batch.
+        pending: list[torch.Tensor] = []
+        sizes: list[int] = []
         for i, batch in enumerate(group):
             last = i == len(group) - 1
             sync = contextlib.nullcontext() if last or not hasattr(model, "no_sync") else None
@@ -134,16 +140,21 @@ def train_one_epoch(
                 losses = loss_of(scores, labels)
                 loss = sum(losses.values())
                 (loss * (1.0 / len(group))).backward()
-            n = labels.shape[0]
-            stats.loss += float(loss.detach()) * n
-            stats.videos += n
-            for name in streams_of(stage):
-                pred = getattr(scores, name).argmax(-1)
-                stats.correct[name] += int((pred == labels).sum())
-            if stage == "fused":
-                stats.correct["fused"] += int((fuse_scores(scores).argmax(-1) == labels).sum())
+            with torch.no_grad():
+                preds = [getattr(scores, name).argmax(-1) for name in streams_of(stage)]
+                if stage == "fused":
+                    preds.append(fuse_scores(scores).argmax(-1))
+                counts = [(pred == labels).sum().double() for pred in preds]
+                pending.append(torch.stack([loss.detach().double(), *counts]))
+            sizes.append(int(labels.shape[0]))
         optimizer.step()
         scheduler.step()
+        # One device -> host read per update; summed in the same order as one at a time.
+        for n, (batch_loss, *correct) in zip(sizes, torch.stack(pending).tolist()):
+            stats.loss += batch_loss * n
+            stats.videos += n
+            for name, c in zip(scored, correct):
+                stats.correct[name] += int(c)
         stats.updates += 1
         if on_update is not None:
             on_update(stats.updates)
