@@ -39,6 +39,11 @@ class ModelConfig:
     time_pool: str = "max"  # Table 3 best: global max pooling over time (eq. 10)
     appearance_dropout: float = 0.0  # the paper names dropout only for the motion classifier
     motion_dropout: float = 0.8  # Sect. 4.1: "dropout of 0.8 after the final classification layer"
+    # Training from scratch (no ImageNet weights): zero the last BN scale of every residual unit
+    # (Goyal et al. 2017; torchvision's zero_init_residual), so each unit starts as the identity.
+    # Without it, small-batch SGD from scratch overshoots: the un-normalised 512-d features make
+    # the classifiers' first steps huge. ImageNet or stream checkpoints overwrite it.
+    zero_init_residual: bool = False
 
     def __post_init__(self) -> None:
         check_choice("appearance_arch", self.appearance_arch, ARCHS)
@@ -191,6 +196,7 @@ def embedded_default(**overrides: Any) -> TrainConfig:
         appearance_arch="resnet18",
         motion_arch="resnet18",
         motion_dropout=0.5,
+        zero_init_residual=True,
     )
     cfg = TrainConfig(
         model=model,

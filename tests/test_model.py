@@ -231,3 +231,15 @@ def test_missing_imagenet_file_is_one_clear_line(tmp_path, monkeypatch):
     with pytest.raises(FileNotFoundError) as err:
         load_imagenet(tiny(), "resnet18", "resnet18", weights_dir=tmp_path)
     assert "\n" not in str(err.value) and "resnet18-" in str(err.value)
+
+
+def test_zero_init_residual_starts_every_unit_as_its_shortcut():
+    """From scratch (embedded default): each unit's last BN scale is 0, so a unit outputs
+    relu(shortcut) and the gated units pass relu(x_a) on; ImageNet weights overwrite it."""
+    model = tiny(fusion="residual_mul", temporal="residual_all", zero_init_residual=True)
+    last_bn = [m.bn2 for m in model.modules() if isinstance(m, models.resnet.BasicBlock)]
+    assert len(last_bn) == 16 and all(bn.weight.abs().sum() == 0 for bn in last_bn)
+    unit = model.appearance.layer2[1]
+    x = torch.randn(2, 128, 8, 8)
+    torch.testing.assert_close(unit(x), F.relu(x))
+    assert tiny().appearance.layer2[1].bn2.weight.abs().sum() > 0  # the paper's default: off

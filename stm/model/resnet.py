@@ -30,15 +30,20 @@ Unit = BasicBlock | Bottleneck
 STAGES = ("layer1", "layer2", "layer3", "layer4")  # conv2_x .. conv5_x of Table 1
 
 
-def build_stream(arch: str, in_channels: int, num_classes: int) -> models.ResNet:
+def build_stream(
+    arch: str, in_channels: int, num_classes: int, zero_init_residual: bool = False
+) -> models.ResNet:
     """A torchvision ResNet with ``in_channels`` inputs (3 for RGB, 2L for a flow stack).
 
     Args:
         arch: one of ``RESNETS``.
         in_channels: input channels of conv1.
         num_classes: outputs of the classifier ``fc``.
+        zero_init_residual: zero the last BN scale of each unit (for training from scratch).
     """
-    net = RESNETS[arch](weights=None, num_classes=num_classes)
+    net = RESNETS[arch](
+        weights=None, num_classes=num_classes, zero_init_residual=zero_init_residual
+    )
     if in_channels != 3:
         old = net.conv1
         net.conv1 = nn.Conv2d(

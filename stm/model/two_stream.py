@@ -187,8 +187,9 @@ class TwoStreamNet(nn.Module):
 
 def build_model(cfg: ModelConfig) -> TwoStreamNet:
     """The only reader of ``ModelConfig``: builds both streams and connects them."""
-    appearance = build_stream(cfg.appearance_arch, 3, cfg.num_classes)
-    motion = build_stream(cfg.motion_arch, 2 * cfg.flow_length, cfg.num_classes)
+    zero = cfg.zero_init_residual
+    appearance = build_stream(cfg.appearance_arch, 3, cfg.num_classes, zero)
+    motion = build_stream(cfg.motion_arch, 2 * cfg.flow_length, cfg.num_classes, zero)
     if cfg.fusion != "none":
         for stage in STAGES:
             ca = unit_out_channels(getattr(appearance, stage)[0])
