@@ -436,7 +436,7 @@ def _run_pipeline(
     from ray.util.annotations import RayDeprecationWarning
 
     if not ray.is_initialized():  # RAY_ADDRESS or a `ray start` cluster, else a local instance
-        ray.init(include_dashboard=False)
+        ray.init()
     groups = [todo[i : i + cfg.videos_per_shard] for i in range(0, len(todo), cfg.videos_per_shard)]
     rows = [
         {

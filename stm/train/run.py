@@ -174,6 +174,15 @@ def initial_state(cfg: TrainConfig, uri: str) -> tuple[dict[str, Any] | None, st
     return {k: v for k, v in model.state_dict().items() if k.startswith(keep)}, "ImageNet"
 
 
+def _init_ray() -> None:
+    """A local instance (with the dashboard: Train's placement-group cleaner and the State API
+    use it), or the cluster of ``ray job submit`` / ``RAY_ADDRESS`` / ``ray start``."""
+    import ray
+
+    if not ray.is_initialized():
+        ray.init()
+
+
 def run_training(
     cfg: TrainConfig,
     *,
@@ -197,21 +206,20 @@ def run_training(
     from ray.train.torch import TorchTrainer
 
     started = time.time()
+    uri = tracking.resolve_uri(cfg.mlflow_uri)
+    try:  # before anything is computed: a cluster's hours are not spent untracked
+        tracking.check_reachable(uri)
+    except tracking.TrackingUnavailable as err:
+        raise UsageError(str(err)) from None
     if not cfg.data:
+        _init_ray()
         cfg = prepare_synthetic(cfg)
     classes, num_train, num_test = validate_data(cfg)
     if cfg.model.num_classes != len(classes):
         cfg = dataclasses.replace(
             cfg, model=dataclasses.replace(cfg.model, num_classes=len(classes))
         )
-    uri = tracking.resolve_uri(cfg.mlflow_uri)
-    try:
-        tracking.check_reachable(uri)
-    except tracking.TrackingUnavailable as err:
-        raise UsageError(str(err)) from None
-
-    if not ray.is_initialized():
-        ray.init()  # a local instance, or the cluster of `ray job submit` / RAY_ADDRESS
+    _init_ray()
     warn_if_not_shared(cfg, uri)
 
     storage = _storage(cfg)
