@@ -195,20 +195,20 @@ def embedded_default(**overrides: Any) -> TrainConfig:
         num_classes=6,
         appearance_arch="resnet18",
         motion_arch="resnet18",
-        motion_dropout=0.5,
-        zero_init_residual=True,
+        motion_dropout=0.0,  # 96 training videos underfit in 16 epochs; nothing to regularise
+        zero_init_residual=True,  # from scratch: see ModelConfig
     )
     cfg = TrainConfig(
         model=model,
         num_chunks=3,
         stride_min=2,
         stride_max=6,
-        crop_size=64,
+        crop_size=48,  # of 96x72 frames; the test runs on the whole frame
         test_frames=9,
         eval_every=4,
-        epochs=12,
-        lr=0.005,  # from scratch, tiny batches: lower than the paper's stream lr of 1e-2
-        lr_milestones=(9,),
+        epochs=16,
+        lr=0.002,  # from scratch, 8 videos per update: 5x below the paper's stream lr of 1e-2
+        lr_milestones=(13,),
         batch_size=8,
         bn_batch=4,
         num_workers=2,
