@@ -48,7 +48,11 @@ def parse_args(argv: list[str] | None = None) -> PreprocessConfig:
     p.add_argument("--max-failures", type=float, default=d.max_failures, help="default 0.01")
     p.add_argument("--num-videos", type=int, default=d.num_videos, help="synthetic only")
     p.add_argument("--seed", type=int, default=d.seed, help="synthetic only")
-    p.add_argument("--workers", type=int, help="flow actors (default: every CPU of the cluster)")
+    p.add_argument(
+        "--workers",
+        type=int,
+        help="flow actors, a fixed pool (default: the cluster's CPUs, growing with it)",
+    )
     p.add_argument("--videos-per-shard", type=int, default=d.videos_per_shard)
     p.add_argument(
         "--gpus-per-worker",

@@ -79,7 +79,7 @@ class PreprocessConfig:
     synthetic_width: int = SYNTHETIC_WIDTH  # synthetic only
     synthetic_height: int = SYNTHETIC_HEIGHT  # synthetic only
     synthetic_frames: int = SYNTHETIC_NUM_FRAMES  # synthetic only
-    num_workers: int | None = None  # flow actors (1 CPU each); None: every CPU of the cluster
+    num_workers: int | None = None  # flow actors (1 CPU each); None: the CPUs now, growing
     gpus_per_worker: float = 0.0  # GPUs per flow actor (tvl1-torch); >0: None workers = GPUs/this
     videos_per_shard: int = 8  # videos per task and per shard file (also the resume granularity)
     retry_failed: bool = False  # process videos that failed in an earlier run again
@@ -445,16 +445,25 @@ def _run_pipeline(
         }
         for g in groups
     ]
-    if cfg.num_workers:
-        workers = cfg.num_workers
-    elif cfg.gpus_per_worker > 0:
-        gpus = ray.cluster_resources().get("GPU", 0)
-        workers = max(1, int(gpus / cfg.gpus_per_worker))
+    if cfg.num_workers:  # a fixed pool
+        workers = min(cfg.num_workers, len(groups))
+        pool = ray.data.ActorPoolStrategy(size=workers, max_tasks_in_flight_per_actor=1)
+        how = f"{workers}"
     else:
-        workers = max(1, int(ray.cluster_resources().get("CPU", 1)))
-    workers = min(workers, len(groups))
+        # Start with what the cluster has now and let the pool grow to one actor per group:
+        # on an autoscaling cluster (0 workers at rest) the pending actors make the autoscaler
+        # add nodes; on a fixed cluster no more actors start than its resources allow.
+        if cfg.gpus_per_worker > 0:
+            now = int(ray.cluster_resources().get("GPU", 0) / cfg.gpus_per_worker)
+        else:
+            now = int(ray.cluster_resources().get("CPU", 1))
+        workers = min(max(1, now), len(groups))
+        pool = ray.data.ActorPoolStrategy(
+            min_size=workers, max_size=len(groups), max_tasks_in_flight_per_actor=1
+        )
+        how = f"{workers} (up to {len(groups)} as the cluster grows)"
     logger.info(
-        "%d groups of up to %d videos on %d flow actors", len(groups), cfg.videos_per_shard, workers
+        "%d groups of up to %d videos on %s flow actors", len(groups), cfg.videos_per_shard, how
     )
 
     start = time.perf_counter()
@@ -479,7 +488,7 @@ def _run_pipeline(
                 "jpeg_quality": cfg.jpeg_quality,
             },
             # one group at a time per actor: groups are long, queues would unbalance the pool
-            compute=ray.data.ActorPoolStrategy(size=workers, max_tasks_in_flight_per_actor=1),
+            compute=pool,
             num_cpus=1,
             **({"num_gpus": cfg.gpus_per_worker} if cfg.gpus_per_worker > 0 else {}),
             max_task_retries=MAX_TASK_RETRIES,
