@@ -367,15 +367,9 @@ def run_ray(data: str, args) -> None:
     from stm.train.ingest import _clips
 
     cores = os.cpu_count()
-    for attempt in range(3):  # a starved VM can miss Ray's fixed 30 s raylet start-up wait
-        try:
-            ray.init(num_cpus=cores, include_dashboard=False, log_to_driver=False)
-            break
-        except Exception as e:  # noqa: BLE001
-            print(f"ray.init failed (attempt {attempt + 1} of 3): {e}")
-            ray.shutdown()
-    else:
-        raise SystemExit("ray.init failed 3 times")
+    from bench_ray import start_local_ray
+
+    start_local_ray(cores)
     ray.data.DataContext.get_current().enable_progress_bars = False
     fs, root = resolve(data)
     files = shard_files(data)

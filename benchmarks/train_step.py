@@ -298,15 +298,9 @@ def ray_overhead(args, device, bf16: bool) -> None:
     plain_s = plain_loop(step_model, opt, synthetic_batches(args, device, n), args, device, bf16)
     del step_model, opt
 
-    for attempt in range(3):  # a starved VM can miss Ray's fixed 30 s raylet start-up wait
-        try:
-            ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False)
-            break
-        except Exception as e:  # noqa: BLE001
-            print(f"ray.init failed (attempt {attempt + 1} of 3): {e}")
-            ray.shutdown()
-    else:
-        raise SystemExit("ray.init failed 3 times")
+    from bench_ray import start_local_ray
+
+    start_local_ray(os.cpu_count())
     t0 = time.perf_counter()
     trainer = TorchTrainer(
         worker,
