@@ -29,7 +29,16 @@ import numpy as np
 import pyarrow as pa
 import torch
 
-from stm.data.shards import FLOW_CENTER, FLOW_U, FLOW_V, LABEL, NUM_FRAMES, RGB, VIDEO_ID
+from stm.data.shards import (
+    FLOW_CENTER,
+    FLOW_U,
+    FLOW_V,
+    JPEG_COLUMNS,
+    LABEL,
+    NUM_FRAMES,
+    RGB,
+    VIDEO_ID,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -439,24 +448,21 @@ class _ArrowList(Sequence):
         return self._values[int(index)].as_buffer()
 
 
-_JPEG_COLUMNS = (RGB, FLOW_U, FLOW_V)
-
-
 def _batch_rows(batch: Any) -> list[dict[str, Any]]:
     """Rows of a map_batches batch: a dict of column arrays ("numpy" format) or a pyarrow
     Table / RecordBatch. Arrow JPEG columns stay in Arrow memory (see :class:`_ArrowList`)."""
     if hasattr(batch, "to_pydict"):  # pyarrow.Table / RecordBatch
         names = set(batch.schema.names)
-        columns = [c for c in (VIDEO_ID, LABEL, NUM_FRAMES, *_JPEG_COLUMNS) if c in names]
+        columns = [c for c in (VIDEO_ID, LABEL, NUM_FRAMES, *JPEG_COLUMNS) if c in names]
         data = {}
         for c in columns:
             col = batch.column(c)
-            if c in _JPEG_COLUMNS:
+            if c in JPEG_COLUMNS:
                 data[c] = [_ArrowList(col[i].values) for i in range(batch.num_rows)]
             else:
                 data[c] = col.to_pylist()
         return [{c: data[c][i] for c in columns} for i in range(batch.num_rows)]
-    columns = [c for c in (VIDEO_ID, LABEL, NUM_FRAMES, *_JPEG_COLUMNS) if c in batch]
+    columns = [c for c in (VIDEO_ID, LABEL, NUM_FRAMES, *JPEG_COLUMNS) if c in batch]
     size = len(batch[LABEL])
     return [{c: batch[c][i] for c in columns} for i in range(size)]
 
