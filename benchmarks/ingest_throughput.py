@@ -13,8 +13,10 @@ when the stacks of a clip overlap). Modes (all in this one run, on the same shar
   rawflow    flow stored as raw uint8 planes in zstd-compressed Parquet instead of JPEG (built
              here from the JPEG shards; stm's shard format is unchanged): bytes on disk and the
              read + crop cost; the RGB frame stays JPEG
-  gpu        RGB and flow JPEGs decoded on CUDA in one batched torchvision.io.decode_jpeg call
-             (skipped without CUDA)
+  gpu        --decode device (stm.data.device_clips): clips planned on the CPU (JPEG bytes
+             shipped), then decoded in one batched torchvision.io.decode_jpeg call per
+             micro-batch and cropped / resized / flipped on CUDA (skipped without CUDA;
+             --gpu-device cpu runs the same code on the CPU)
   ray        the real Ray Data ingest (stm.train.ingest: read_parquet -> map_batches(_clips)
              with TrainClipSampler -> iter_torch_batches), chunks/s per CPU core
 
@@ -50,11 +52,13 @@ from stm.data.clips import (  # noqa: E402
 from stm.data.shards import (  # noqa: E402
     FLOW_U,
     FLOW_V,
+    HEIGHT,
     LABEL,
     NUM_FRAMES,
     RGB,
     SHARDS_DIR,
     VIDEO_ID,
+    WIDTH,
     encode_jpeg,
     list_parquet,
     resolve,
@@ -62,7 +66,7 @@ from stm.data.shards import (  # noqa: E402
     write_table_atomic,
 )
 
-CLIP_COLUMNS = [VIDEO_ID, LABEL, NUM_FRAMES, RGB, FLOW_U, FLOW_V]
+CLIP_COLUMNS = [VIDEO_ID, LABEL, NUM_FRAMES, HEIGHT, WIDTH, RGB, FLOW_U, FLOW_V]
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -286,74 +290,70 @@ def jpeg_bytes(rows: list[dict]) -> dict[str, int]:
 
 
 def gpu_decode(rows, args) -> None:
-    """Batched nvJPEG decode of every JPEG one epoch's clips need, then crop/resize on CUDA."""
+    """``--decode device``: the CPU side plans clips and ships JPEG bytes
+    (stm.data.device_clips.plan_train_batch, one core), the device decodes a micro-batch's
+    JPEGs in one batched decode_jpeg call and crops / resizes / flips there (DeviceClipDecoder).
+    Both sides are timed apart: the plan rate per core is what a Ray Data worker delivers, the
+    decoder rate is the device time it takes from the training step."""
     import torch
+
+    from stm.data.device_clips import DeviceClipDecoder, plan_train_batch
 
     if args.gpu_device == "cuda" and not torch.cuda.is_available():
         print("gpu: skipped: no CUDA")
         return
-    import warnings
-
-    import torch.nn.functional as F
-    from torchvision.io import ImageReadMode, decode_jpeg
-
-    warnings.filterwarnings("ignore", message="The given buffer is not writable")
-    rng = np.random.default_rng(1)
     dev = torch.device(args.gpu_device)
     cuda = dev.type == "cuda"
-    s = args.crop_size
+    if not cuda:
+        torch.set_num_threads(1)  # a per-core figure, like the other modes
+    decoder = DeviceClipDecoder(args.crop_size, args.flow_length, dev)
+    columns = [c for c in CLIP_COLUMNS if c in rows[0]]
 
-    def epoch() -> tuple[int, int]:
-        rgb_data, flow_data, plans = [], [], []
-        for row in rows:
-            times, idx = clip_plan(row, args, rng)
-            need = sorted({int(k) for i in idx for k in i})
-            rgb_data += [torch.frombuffer(row[RGB][int(t)], dtype=torch.uint8) for t in times]
-            for col in (FLOW_U, FLOW_V):
-                flow_data += [torch.frombuffer(row[col][k], dtype=torch.uint8) for k in need]
-            plans.append((times, idx, need))
-        rgb = decode_jpeg(rgb_data, mode=ImageReadMode.RGB, device=dev)
-        flow = decode_jpeg(flow_data, mode=ImageReadMode.GRAY, device=dev)
-        # crop + resize on the GPU, all chunks of a video at once (one box per video)
-        fo, ro = 0, 0
-        outs = []
-        for times, idx, need in plans:
-            h, w = rgb[ro].shape[-2:]
-            box = jitter_crop_box(h, w, s, rng=rng)
-            r = torch.stack(rgb[ro : ro + len(times)])[
-                ..., box.y : box.y + box.h, box.x : box.x + box.w
-            ]
-            pos = {k: j for j, k in enumerate(need)}
-            u = torch.stack(flow[fo : fo + len(need)])
-            v = torch.stack(flow[fo + len(need) : fo + 2 * len(need)])
-            sel = torch.tensor([pos[int(k)] for i in idx for k in i], device=dev)
-            f = torch.stack([u[sel], v[sel]], 1).reshape(len(times), -1, h, w)
-            f = f[..., box.y : box.y + box.h, box.x : box.x + box.w]
-            r = F.interpolate(r.float(), size=(s, s), mode="bilinear", antialias=False)
-            f = F.interpolate(f.float(), size=(s, s), mode="bilinear", antialias=False)
-            outs.append((r.round().to(torch.uint8), f.round().to(torch.uint8)))
-            ro += len(times)
-            fo += 2 * len(need)
-        torch.stack([o[0] for o in outs]), torch.stack([o[1] for o in outs])
-        return len(rgb_data) + len(flow_data), len(rows) * args.chunks
+    def plans(epoch: int) -> list:
+        return [
+            plan_train_batch(
+                {c: [r[c] for r in rows[i : i + args.bn_batch]] for c in columns},
+                epoch=epoch,
+                seed=0,
+                num_chunks=args.chunks,
+                flow_length=args.flow_length,
+                crop_size=args.crop_size,
+            )
+            for i in range(0, len(rows), args.bn_batch)
+        ]
 
-    epoch()  # warm-up (nvJPEG handles, kernels)
-    if cuda:
-        torch.cuda.synchronize()
-    start = time.perf_counter()
-    jpegs = chunks = 0
-    for _ in range(args.epochs):
-        j, c = epoch()
-        jpegs, chunks = jpegs + j, chunks + c
-    if cuda:
-        torch.cuda.synchronize()
-    el = time.perf_counter() - start
+    def sync() -> None:
+        if cuda:
+            torch.cuda.synchronize()
+
+    for batch in plans(0):  # warm-up (nvJPEG handles, kernels)
+        decoder(batch)
+    sync()
+    plan_s = decode_s = 0.0
+    jpegs = shipped = 0
+    for ep in range(args.epochs):
+        t0 = time.perf_counter()
+        batches = plans(ep + 1)
+        plan_s += time.perf_counter() - t0
+        jpegs += sum(len(b.column("rgb_jpeg").combine_chunks().flatten()) for b in batches)
+        jpegs += sum(len(b.column("flow_jpeg").combine_chunks().flatten()) for b in batches)
+        shipped += sum(b.nbytes for b in batches)
+        t0 = time.perf_counter()
+        for batch in batches:
+            out = decoder(batch)
+        sync()
+        decode_s += time.perf_counter() - t0
+    chunks = args.epochs * len(rows) * args.chunks
+    name = torch.cuda.get_device_name() if cuda else "cpu (torchvision, one thread)"
     print(
-        f"gpu: {chunks / el:.1f} chunks/s ({jpegs / el:.0f} JPEGs/s) decode+crop+resize on "
-        f"{torch.cuda.get_device_name() if cuda else 'cpu (torchvision)'} "
-        "(batched decode_jpeg of one epoch's "
-        f"{jpegs // args.epochs} "
-        f"JPEGs; host side: one CPU thread, Parquet read not included)"
+        f"gpu: plan (CPU, one core, read excluded): {chunks / plan_s:.1f} chunks/s per core, "
+        f"{shipped / chunks / 1e3:.1f} kB shipped per chunk (vs "
+        f"{(3 + 2 * args.flow_length) * args.crop_size**2 / 1e3:.1f} kB of decoded uint8)"
+    )
+    print(
+        f"gpu: decode+crop+resize+flip on {name}: {chunks / decode_s:.1f} chunks/s "
+        f"({jpegs / decode_s:.0f} JPEGs/s, {jpegs / chunks:.1f} JPEGs/chunk, micro-batches of "
+        f"{args.bn_batch} videos); output {tuple(out['flow'].shape)}"
     )
 
 

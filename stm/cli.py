@@ -22,6 +22,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "stage": C.STAGES,
     "test_mode": C.TEST_MODES,
     "crop": C.CROPS,
+    "decode": C.DECODES,
 }
 
 

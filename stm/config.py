@@ -99,6 +99,7 @@ def from_dict(cls: type[T], data: dict[str, Any]) -> T:
 STAGES = ("fused", "appearance", "motion")
 TEST_MODES = ("full", "10crop")
 CROPS = ("auto", "jitter", "multiscale")
+DECODES = ("cpu", "device")  # where training clips' JPEGs are decoded (stm.data.device_clips)
 
 
 @dataclass(frozen=True)
@@ -119,6 +120,9 @@ class TrainConfig:
     test_frames: int = 25  # Sect. 4.2: 25 uniformly spaced frames and their flips
     test_mode: str = "full"  # full frame, fully convolutional | 10crop (MMAction2's protocol)
     eval_every: int = 1  # evaluate on the test split every k epochs (and after the last)
+    # cpu: Ray Data workers decode and augment clips; device: they only sample them and ship
+    # the JPEGs, which the training loop decodes on its device (nvJPEG on a GPU)
+    decode: str = "cpu"
     # optimisation
     epochs: int = 35
     lr: float = 0.0  # 0 = the stage's default: 1e-2 for a stream alone, 1e-3 fused
@@ -149,6 +153,7 @@ class TrainConfig:
         check_choice("stage", self.stage, STAGES)
         check_choice("test_mode", self.test_mode, TEST_MODES)
         check_choice("crop", self.crop, CROPS)
+        check_choice("decode", self.decode, DECODES)
         positive = (
             "epochs",
             "batch_size",

@@ -97,10 +97,13 @@ def mlflow_client(tmp: Path):
 
 
 def test_two_worker_run_logs_to_mlflow_and_syncs_once_per_update(synthetic, tmp_path):
+    """Also the --decode device path end to end: Ray Data ships planned clips (JPEG bytes) and
+    each worker decodes them with torchvision (on the CPU here, nvJPEG on a GPU)."""
     from stm.train.loop import model_from_checkpoint
     from stm.train.run import run_training
 
-    summary = run_training(smoke_config(synthetic, tmp_path, name="two-workers"))
+    cfg = smoke_config(synthetic, tmp_path, name="two-workers", decode="device")
+    summary = run_training(cfg)
     m = summary.metrics
     assert m["epoch"] == 2 and m["start_epoch"] == 1
     # 24 videos / 2 workers / bn 4 = 3 micro-batches, accum 1 -> 3 updates, 3 all-reduces
@@ -113,7 +116,7 @@ def test_two_worker_run_logs_to_mlflow_and_syncs_once_per_update(synthetic, tmp_
     run = client.get_run(summary.run_id)
     assert run.info.status == "FINISHED"
     assert run.data.params["model.fusion"] == "residual_mul"
-    assert run.data.params["batch_size"] == "8"
+    assert run.data.params["batch_size"] == "8" and run.data.params["decode"] == "device"
     assert run.data.tags["stage"] == "fused" and "residual_mul" in run.data.tags["variant"]
     history = client.get_metric_history(summary.run_id, "train_loss")
     assert [h.step for h in history] == [1, 2]

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import logging
 import zlib
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, NamedTuple
 
 import cv2
@@ -33,11 +33,13 @@ from stm.data.shards import (
     FLOW_CENTER,
     FLOW_U,
     FLOW_V,
+    HEIGHT,
     JPEG_COLUMNS,
     LABEL,
     NUM_FRAMES,
     RGB,
     VIDEO_ID,
+    WIDTH,
 )
 
 logger = logging.getLogger(__name__)
@@ -308,6 +310,39 @@ def _frame_shape(frames: _FrameCache, t: int) -> tuple[int, int]:
 # --- clips ------------------------------------------------------------------------------------
 
 
+def sample_train_plan(
+    num_frames: int,
+    frame_shape: Callable[[int], tuple[int, int]],
+    *,
+    num_chunks: int = DEFAULT_NUM_CHUNKS,
+    crop_size: int = DEFAULT_CROP_SIZE,
+    stride_range: tuple[int, int] = DEFAULT_STRIDE_RANGE,
+    crop: str = "jitter",
+    flip_prob: float = 0.5,
+    rng: np.random.Generator,
+) -> tuple[np.ndarray, CropBox, bool]:
+    """The random choices of one training clip, in this order: the chunk times, the crop box,
+    the flip. :func:`train_clip` and the device-decode path (``stm.data.device_clips``) both
+    draw them here, so one generator gives both paths the same clip.
+
+    Args:
+        num_frames: N, the video's RGB frames.
+        frame_shape: (H, W) of the video given the first chunk's frame index (a decoded frame's
+            shape, or the shard's height / width columns).
+        The others: see :func:`train_clip`.
+
+    Returns:
+        (times int64 (T,), crop box in frame pixels, flip).
+    """
+    if crop not in _CROP_FNS:
+        raise ValueError(f"crop must be one of {sorted(_CROP_FNS)}, got {crop!r}")
+    times = sample_chunk_times(num_frames, num_chunks, stride_range, rng=rng)  # (T,)
+    h, w = frame_shape(int(times[0]))
+    box = _CROP_FNS[crop](h, w, crop_size, rng=rng)
+    flip = bool(rng.random() < flip_prob)
+    return times, box, flip
+
+
 def train_clip(
     row: Mapping[str, Any],
     *,
@@ -337,14 +372,18 @@ def train_clip(
         "label": int, and for inspection "times": int64 (T,) the sampled RGB frame indices,
         "box": the CropBox in frame pixels, "flip": bool}.
     """
-    if crop not in _CROP_FNS:
-        raise ValueError(f"crop must be one of {sorted(_CROP_FNS)}, got {crop!r}")
     n = int(row[NUM_FRAMES])
     frames = _FrameCache(row)
-    times = sample_chunk_times(n, num_chunks, stride_range, rng=rng)  # (T,)
-    h, w = _frame_shape(frames, int(times[0]))
-    box = _CROP_FNS[crop](h, w, crop_size, rng=rng)
-    flip = bool(rng.random() < flip_prob)
+    times, box, flip = sample_train_plan(
+        n,
+        lambda t: _frame_shape(frames, t),
+        num_chunks=num_chunks,
+        crop_size=crop_size,
+        stride_range=stride_range,
+        crop=crop,
+        flip_prob=flip_prob,
+        rng=rng,
+    )
     rgb = np.empty((num_chunks, 3, crop_size, crop_size), dtype=np.uint8)  # (T, 3, S, S)
     flow = np.empty((num_chunks, 2 * flow_length, crop_size, crop_size), dtype=np.uint8)
     for i, t in enumerate(times):
@@ -448,12 +487,15 @@ class _ArrowList(Sequence):
         return self._values[int(index)].as_buffer()
 
 
+_ROW_COLUMNS = (VIDEO_ID, LABEL, NUM_FRAMES, HEIGHT, WIDTH, *JPEG_COLUMNS)  # those present
+
+
 def _batch_rows(batch: Any) -> list[dict[str, Any]]:
     """Rows of a map_batches batch: a dict of column arrays ("numpy" format) or a pyarrow
     Table / RecordBatch. Arrow JPEG columns stay in Arrow memory (see :class:`_ArrowList`)."""
     if hasattr(batch, "to_pydict"):  # pyarrow.Table / RecordBatch
         names = set(batch.schema.names)
-        columns = [c for c in (VIDEO_ID, LABEL, NUM_FRAMES, *JPEG_COLUMNS) if c in names]
+        columns = [c for c in _ROW_COLUMNS if c in names]
         data = {}
         for c in columns:
             col = batch.column(c)
@@ -462,7 +504,7 @@ def _batch_rows(batch: Any) -> list[dict[str, Any]]:
             else:
                 data[c] = col.to_pylist()
         return [{c: data[c][i] for c in columns} for i in range(batch.num_rows)]
-    columns = [c for c in (VIDEO_ID, LABEL, NUM_FRAMES, *JPEG_COLUMNS) if c in batch]
+    columns = [c for c in _ROW_COLUMNS if c in batch]
     size = len(batch[LABEL])
     return [{c: batch[c][i] for c in columns} for i in range(size)]
 

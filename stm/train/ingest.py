@@ -1,6 +1,9 @@
 """The training input pipeline on Ray Data, built on the driver: shards are streamed from
-Parquet, the split selected, and clips decoded and augmented in Ray Data workers (never in the
-training loop). Each epoch re-executes the pipeline, so augmentation is drawn anew per epoch.
+Parquet, the split selected, and clips sampled in Ray Data workers. With ``decode="cpu"`` the
+workers also decode and augment them; with ``decode="device"`` they ship the clips' JPEGs and
+the training loop decodes them on its device (:mod:`stm.data.device_clips`). Test views are
+always decoded in the workers. Each epoch re-executes the pipeline, so augmentation is drawn anew
+per epoch.
 """
 
 from __future__ import annotations
@@ -12,22 +15,36 @@ import pyarrow as pa
 
 from stm.config import TrainConfig
 from stm.data.clips import TestClipSampler, TrainClipSampler
+from stm.data.device_clips import TrainPlanSampler
 from stm.data.shards import (
     FLOW_U,
     FLOW_V,
+    HEIGHT,
     LABEL,
     NUM_FRAMES,
     RGB,
     TEST_SPLITS,
     TRAIN_SPLITS,
     VIDEO_ID,
+    WIDTH,
     in_split,
     list_parquet,
     resolve,
     shards_dataset,
 )
 
-CLIP_COLUMNS = [VIDEO_ID, LABEL, NUM_FRAMES, RGB, FLOW_U, FLOW_V, TRAIN_SPLITS, TEST_SPLITS]
+CLIP_COLUMNS = [
+    VIDEO_ID,
+    LABEL,
+    NUM_FRAMES,
+    HEIGHT,
+    WIDTH,
+    RGB,
+    FLOW_U,
+    FLOW_V,
+    TRAIN_SPLITS,
+    TEST_SPLITS,
+]
 
 
 def split_sizes(data: str, split: int) -> tuple[int, int]:
@@ -49,7 +66,10 @@ def build_datasets(cfg: TrainConfig) -> dict[str, Any]:
     files = list_parquet(fs, f"{root.rstrip('/')}/shards")
     base = ray.data.read_parquet(files, filesystem=fs).select_columns(CLIP_COLUMNS)
     flow_length = cfg.model.flow_length
-    train_sampler = TrainClipSampler(
+    # --decode device: the workers only sample the clips and ship their JPEGs, which the
+    # training loop decodes on its device (stm.data.device_clips); the same random draws.
+    sampler_cls = TrainPlanSampler if cfg.decode == "device" else TrainClipSampler
+    train_sampler = sampler_cls(
         seed=None,  # fresh randomness on every execution, i.e. every epoch
         num_chunks=cfg.num_chunks,
         flow_length=flow_length,

@@ -9,6 +9,7 @@ import logging
 import math
 import os
 import tempfile
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +18,7 @@ import torch
 import torch.distributed as dist
 
 from stm.config import TrainConfig, from_dict, to_dict
+from stm.data.device_clips import DeviceClipDecoder
 from stm.model import build_model
 from stm.model.two_stream import TwoStreamNet
 from stm.train import tracking
@@ -105,6 +107,18 @@ def updates_per_epoch(num_train: int, world: int, cfg: TrainConfig) -> int:
     return max(1, math.ceil(micro / cfg.accum_steps))
 
 
+def train_batches(shard: Any, cfg: TrainConfig, device: torch.device) -> Iterable[dict]:
+    """One epoch of this worker's training micro-batches of ``bn_batch`` videos: uint8 clips
+    decoded by Ray Data (``decode="cpu"``), or planned clips decoded here on ``device``."""
+    kwargs = dict(
+        batch_size=cfg.bn_batch, drop_last=True, local_shuffle_buffer_size=4 * cfg.bn_batch
+    )
+    if cfg.decode == "cpu":
+        return shard.iter_torch_batches(**kwargs)
+    decoder = DeviceClipDecoder(cfg.crop_size, cfg.model.flow_length, device)
+    return map(decoder, shard.iter_batches(batch_format="pyarrow", **kwargs))
+
+
 def train_loop_per_worker(config: dict[str, Any]) -> None:
     """The per-worker loop. ``config``: ``cfg`` (a TrainConfig dict), ``num_train`` (training
     videos), ``class_names``, ``tracking_uri``, ``run_id`` and an optional ``init`` (an
@@ -169,9 +183,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     for epoch in range(start_epoch, cfg.epochs + 1):
         lr = scheduler.get_last_lr()[0]
         syncs_before = syncs[0] if syncs else 0
-        batches = train_shard.iter_torch_batches(
-            batch_size=cfg.bn_batch, drop_last=True, local_shuffle_buffer_size=4 * cfg.bn_batch
-        )
+        batches = train_batches(train_shard, cfg, device)
         stats = train_one_epoch(
             ddp,
             batches,

@@ -1,0 +1,215 @@
+"""Training clips decoded on the training device (``--decode device``).
+
+On the CPU path (:mod:`stm.data.clips`) Ray Data workers decode, crop, resize and flip every
+clip and ship uint8 arrays to the training loop: ~21 JPEG decodes per chunk on a CPU core, the
+largest cost of the ingest (docs/performance.md). Here the Ray Data workers only *plan* the clip,
+drawing the same chunk times, crop box and flip as :func:`stm.data.clips.train_clip` would from
+the same generator (:func:`stm.data.clips.sample_train_plan`), and ship the JPEG bytes the clip
+needs: each flow frame once, however many of the clip's stacks share it. The training loop then
+decodes a micro-batch's JPEGs in one batched ``torchvision.io.decode_jpeg`` call (nvJPEG on
+CUDA) and crops, resizes, flips and inverts u on the device.
+
+The clips are those of the CPU path up to the decoders' and the resizers' rounding: bilinear
+resizing with half-pixel centres and no anti-aliasing, as ``cv2.INTER_LINEAR``, but in float
+rather than OpenCV's 11-bit fixed point (a level at most, measured in tests/test_device_clips.py),
+and nvJPEG's IDCT is not libjpeg-turbo's.
+
+Plain numpy / pyarrow / torch / torchvision: no Ray, so the benchmarks run it on a bare GPU node.
+"""
+
+from __future__ import annotations
+
+import warnings
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import torch
+import torch.nn.functional as F
+
+from stm.data.clips import (
+    DEFAULT_CROP_SIZE,
+    DEFAULT_FLOW_LENGTH,
+    DEFAULT_NUM_CHUNKS,
+    DEFAULT_STRIDE_RANGE,
+    _batch_rows,
+    _frame_shape,
+    _FrameCache,
+    flow_stack_indices,
+    sample_train_plan,
+    video_seed,
+)
+from stm.data.shards import FLOW_U, FLOW_V, HEIGHT, LABEL, NUM_FRAMES, RGB, VIDEO_ID, WIDTH
+
+# The columns of a planned batch (one row per video).
+RGB_JPEG = "rgb_jpeg"  # list<binary>, T colour JPEGs: the chunks' RGB frames
+FLOW_JPEG = "flow_jpeg"  # list<binary>, 2K grey JPEGs: u of the K distinct flow frames, then v
+FLOW_INDEX = "flow_index"  # list<int32>, T*L: chunk i's stack is frames flow_index[i*L:(i+1)*L]
+BOX = "box"  # list<int32>, the crop (y, x, h, w) in frame pixels
+FLIP = "flip"  # bool
+
+PLAN_SCHEMA = pa.schema(
+    [
+        pa.field(LABEL, pa.int64(), nullable=False),
+        pa.field(RGB_JPEG, pa.list_(pa.binary()), nullable=False),
+        pa.field(FLOW_JPEG, pa.list_(pa.binary()), nullable=False),
+        pa.field(FLOW_INDEX, pa.list_(pa.int32()), nullable=False),
+        pa.field(BOX, pa.list_(pa.int32()), nullable=False),
+        pa.field(FLIP, pa.bool_(), nullable=False),
+    ]
+)
+
+
+def plan_train_batch(
+    batch: Any,
+    *,
+    epoch: int = 0,
+    seed: int | None = 0,
+    num_chunks: int = DEFAULT_NUM_CHUNKS,
+    flow_length: int = DEFAULT_FLOW_LENGTH,
+    crop_size: int = DEFAULT_CROP_SIZE,
+    stride_range: tuple[int, int] = DEFAULT_STRIDE_RANGE,
+    crop: str = "jitter",
+    flip_prob: float = 0.5,
+) -> pa.Table:
+    """The planned training clips of a batch of shard rows (a ``map_batches`` function).
+
+    Same arguments and the same randomness as :func:`stm.data.clips.train_batch` (video v in
+    epoch e draws from ``video_seed(seed, e, v)``), so both give the same clips for one seed.
+
+    Returns:
+        A table of :data:`PLAN_SCHEMA`, one row per video; :class:`DeviceClipDecoder` turns it
+        into the arrays ``train_batch`` returns.
+    """
+    fresh = np.random.default_rng()  # used only when seed is None
+    cols: dict[str, list] = {name: [] for name in PLAN_SCHEMA.names}
+    for row in _batch_rows(batch):
+        rng = fresh if seed is None else np.random.default_rng(
+            video_seed(seed, epoch, row[VIDEO_ID])
+        )  # fmt: skip
+        n = int(row[NUM_FRAMES])
+        if HEIGHT in row and WIDTH in row:
+            size = (int(row[HEIGHT]), int(row[WIDTH]))
+            shape = lambda t, size=size: size  # noqa: E731
+        else:  # rows without the size columns: read it from the first chunk's frame
+            frames = _FrameCache(row)
+            shape = lambda t, frames=frames: _frame_shape(frames, t)  # noqa: E731
+        times, box, flip = sample_train_plan(
+            n,
+            shape,
+            num_chunks=num_chunks,
+            crop_size=crop_size,
+            stride_range=stride_range,
+            crop=crop,
+            flip_prob=flip_prob,
+            rng=rng,
+        )
+        stacks = np.stack([flow_stack_indices(int(t), n - 1, flow_length) for t in times])
+        distinct, index = np.unique(stacks, return_inverse=True)  # (K,), (T*L,)
+        cols[LABEL].append(int(row[LABEL]))
+        cols[RGB_JPEG].append([_bytes(row[RGB][int(t)]) for t in times])
+        cols[FLOW_JPEG].append([_bytes(row[c][int(k)]) for c in (FLOW_U, FLOW_V) for k in distinct])
+        cols[FLOW_INDEX].append(index.reshape(-1).astype(np.int32))
+        cols[BOX].append(list(box))
+        cols[FLIP].append(flip)
+    return pa.Table.from_pydict(cols, schema=PLAN_SCHEMA)
+
+
+def _bytes(item: Any) -> bytes:
+    return item.to_pybytes() if isinstance(item, pa.Buffer) else bytes(item)
+
+
+class TrainPlanSampler:
+    """Callable class for ``Dataset.map_batches``: :func:`plan_train_batch` with a fixed config
+    (the arguments of :class:`stm.data.clips.TrainClipSampler`)."""
+
+    def __init__(self, **kwargs: Any):
+        self.kwargs = kwargs
+
+    def __call__(self, batch: Any) -> pa.Table:
+        return plan_train_batch(batch, **self.kwargs)
+
+
+class DeviceClipDecoder:
+    """Planned clips (:data:`PLAN_SCHEMA` rows) -> the training batch, decoded on ``device``.
+
+    ``decoder(table)`` returns {"rgb": uint8 (B, T, 3, S, S), "flow": uint8 (B, T, 2L, S, S),
+    "label": int64 (B,)} on ``device``: the arrays of :func:`stm.data.clips.train_batch`, in
+    one batched ``decode_jpeg`` call per image mode for the whole micro-batch.
+    """
+
+    def __init__(
+        self,
+        crop_size: int = DEFAULT_CROP_SIZE,
+        flow_length: int = DEFAULT_FLOW_LENGTH,
+        device: str | torch.device = "cpu",
+    ):
+        self.size = (int(crop_size), int(crop_size))
+        self.flow_length = int(flow_length)
+        self.device = torch.device(device)
+
+    def __call__(self, batch: pa.Table | pa.RecordBatch) -> dict[str, torch.Tensor]:
+        from torchvision.io import ImageReadMode, decode_jpeg
+
+        if batch.num_rows == 0:
+            raise ValueError("an empty batch of planned clips")
+        cols = {name: _array(batch.column(name)) for name in PLAN_SCHEMA.names}
+        rgb_counts = cols[RGB_JPEG].value_lengths().to_pylist()
+        flow_counts = cols[FLOW_JPEG].value_lengths().to_pylist()
+        index_all = torch.from_numpy(cols[FLOW_INDEX].flatten().to_numpy().astype(np.int64))
+        index_all = index_all.to(self.device)  # (B*T*L,)
+        boxes, flips = cols[BOX].to_pylist(), cols[FLIP].to_pylist()
+        labels = torch.tensor(cols[LABEL].to_pylist(), dtype=torch.int64, device=self.device)
+        rgb_all = decode_jpeg(_tensors(cols[RGB_JPEG]), mode=ImageReadMode.RGB, device=self.device)
+        flow_all = decode_jpeg(
+            _tensors(cols[FLOW_JPEG]), mode=ImageReadMode.GRAY, device=self.device
+        )
+        rgb_out, flow_out = [], []
+        r0 = f0 = i0 = 0
+        for b in range(batch.num_rows):
+            nr, nf, ni = rgb_counts[b], flow_counts[b], rgb_counts[b] * self.flow_length
+            y, x, h, w = boxes[b]
+            # Crop, then stack in the decoder's memory order: on the CPU it returns (C, H, W)
+            # views of (H, W, C) memory, and stacking those as (C, H, W) is ~30x slower.
+            rgb = torch.stack(
+                [im.permute(1, 2, 0)[y : y + h, x : x + w] for im in rgb_all[r0 : r0 + nr]]
+            )
+            planes = torch.stack([im[0, y : y + h, x : x + w] for im in flow_all[f0 : f0 + nf]])
+            rgb = self._resize(rgb.permute(0, 3, 1, 2))  # (T, 3, S, S)
+            planes = self._resize(planes.unsqueeze(1))[:, 0]  # (2K, S, S)
+            index = index_all[i0 : i0 + ni]  # (T*L,) into the K distinct flow frames
+            u, v = planes[: nf // 2][index], planes[nf // 2 :][index]  # (T*L, S, S) each
+            flow = torch.stack((u, v), dim=1).reshape(nr, 2 * self.flow_length, *self.size)
+            if flips[b]:
+                rgb, flow = rgb.flip(-1), flow.flip(-1)
+                flow[:, 0::2] = 255 - flow[:, 0::2]  # mirrored motion: u -> -u
+            rgb_out.append(rgb)
+            flow_out.append(flow)
+            r0, f0, i0 = r0 + nr, f0 + nf, i0 + ni
+        return {"rgb": torch.stack(rgb_out), "flow": torch.stack(flow_out), "label": labels}
+
+    def _resize(self, x: torch.Tensor) -> torch.Tensor:
+        """uint8 (N, C, h, w) -> (N, C, S, S): bilinear, half-pixel centres, no anti-aliasing
+        (``cv2.INTER_LINEAR``), rounded back to uint8."""
+        if tuple(x.shape[-2:]) == self.size:
+            return x.contiguous()
+        out = F.interpolate(x.float(), size=self.size, mode="bilinear", align_corners=False)
+        return out.round_().clamp_(0, 255).to(torch.uint8)
+
+
+def _array(column: pa.ChunkedArray | pa.Array) -> pa.Array:
+    return column.combine_chunks() if isinstance(column, pa.ChunkedArray) else column
+
+
+def _tensors(column: pa.Array) -> list[torch.Tensor]:
+    """Every element of a list<binary> column as a 1-D uint8 tensor over Arrow's memory."""
+    values = column.flatten()  # respects a sliced column's offset, unlike .values
+    if len(values) == 0:
+        return []
+    width = np.int64 if pa.types.is_large_binary(values.type) else np.int32
+    offsets = np.frombuffer(values.buffers()[1], dtype=width)  # positions in the data buffer
+    offsets = offsets[values.offset : values.offset + len(values) + 1]
+    with warnings.catch_warnings():  # Arrow memory is read-only; decode_jpeg only reads it
+        warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+        data = torch.from_numpy(np.frombuffer(values.buffers()[2], dtype=np.uint8))
+    return [data[a:b] for a, b in zip(offsets[:-1].tolist(), offsets[1:].tolist())]
