@@ -11,11 +11,14 @@ Two loops are timed on the same synthetic uint8 micro-batches (already on the de
   plain: forward, the two losses, backward, an SGD update every ``--accum`` micro-batches;
   stm:   ``stm.train.steps.train_one_epoch`` (model_inputs normalisation on the device, per
          micro-batch loss/accuracy read-back, gradient accumulation), the real training step.
+  stm+decode (``--decode-jpeg``): the stm loop fed planned JPEG clips that it decodes, crops
+         and resizes on the device first (``--decode device``), and the decoder alone.
 
     python benchmarks/train_step.py --smoke-test                    # seconds, CPU
     python benchmarks/train_step.py                                 # CPU: small config
     python benchmarks/train_step.py --preset paper --compile both   # CUDA: R50+R152, 224, bf16
     python benchmarks/train_step.py --ray                           # + Ray Train overhead ratio
+    python benchmarks/train_step.py --decode-jpeg                   # + JPEG decode in the loop
     python benchmarks/train_step.py --scaling-only --chunks-per-s 2000 --ingest-per-core 60
 """
 
@@ -82,6 +85,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="torch.compile the model (default: both on CUDA, off on CPU)",
     )
     p.add_argument("--no-bf16", action="store_true", help="fp32 on CUDA (bf16 autocast default)")
+    p.add_argument(
+        "--decode-jpeg",
+        action="store_true",
+        help="also time the stm loop fed planned JPEG clips decoded on the device in the loop "
+        "(--decode device: stm.data.device_clips), frames of --frame-size",
+    )
+    p.add_argument("--frame-size", default="340x256", help="WxH of the --decode-jpeg frames")
     p.add_argument("--peak-tflops", type=float, help="device peak, overrides the name table")
     p.add_argument("--ray", action="store_true", help="also time a 1-worker Ray TorchTrainer")
     p.add_argument("--smoke-test", action="store_true", help="tiny sizes, a few seconds")
@@ -183,6 +193,54 @@ def synthetic_batches(args, device, n: int, num_classes: int = 101) -> list[dict
     return [one] * n  # the same tensors: the step's cost does not depend on the values
 
 
+def jpeg_plans(args, n: int, num_classes: int = 101) -> list:
+    """``n`` planned micro-batches (``--decode device``'s Ray Data output) of ``args.videos``
+    videos whose frames are smooth random textures with noise at ``--frame-size``, JPEG q90
+    (flow planes of ~10 kB, like real TV-L1 shards)."""
+    import cv2
+    import numpy as np
+    import pyarrow as pa
+
+    from stm.data.device_clips import plan_train_batch
+    from stm.data.shards import encode_jpeg
+
+    w, h = (int(x) for x in args.frame_size.split("x"))
+    rng = np.random.default_rng(0)
+    frames = max(40, args.chunks * 8)
+
+    def image(channels: int) -> np.ndarray:
+        coarse = rng.uniform(0, 255, (8, 10, channels)).astype(np.float32)
+        img = cv2.resize(coarse, (w, h), interpolation=cv2.INTER_CUBIC).reshape(h, w, channels)
+        img = img + rng.normal(0, 4, img.shape)
+        return np.clip(img, 0, 255).astype(np.uint8).squeeze()
+
+    rows = [
+        {
+            "video_id": f"bench/v{v}",
+            "label": v % num_classes,
+            "num_frames": frames,
+            "height": h,
+            "width": w,
+            "rgb": [encode_jpeg(image(3)) for _ in range(frames)],
+            "flow_u": [encode_jpeg(image(1)) for _ in range(frames - 1)],
+            "flow_v": [encode_jpeg(image(1)) for _ in range(frames - 1)],
+        }
+        for v in range(args.videos)
+    ]
+    table = pa.Table.from_pylist(rows)
+    return [
+        plan_train_batch(
+            table,
+            epoch=i,
+            seed=0,
+            num_chunks=args.chunks,
+            flow_length=args.flow_length,
+            crop_size=args.size,
+        )
+        for i in range(n)
+    ]
+
+
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -251,6 +309,20 @@ def time_loops(args, device, compiled: bool, bf16: bool) -> dict[str, float]:
     out = {"warmup_s": first}
     out["plain"] = chunks / plain_loop(step_model, opt, batches, args, device, bf16)
     out["stm"] = chunks / stm_loop(step_model, opt, batches, args, device, bf16)
+    if args.decode_jpeg:
+        from stm.data.device_clips import DeviceClipDecoder
+
+        decoder = DeviceClipDecoder(args.size, args.flow_length, device)
+        plans = jpeg_plans(args, n)
+        decoder(plans[0])  # warm-up (nvJPEG handles, kernels)
+        seconds = stm_loop(step_model, opt, map(decoder, plans), args, device, bf16)
+        out["stm+decode"] = chunks / seconds
+        _sync(device)
+        start = time.perf_counter()
+        for plan in plans:
+            decoder(plan)
+        _sync(device)
+        out["decode"] = chunks / (time.perf_counter() - start)
     if device.type == "cuda":
         out["max_mem_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
     return out
@@ -394,9 +466,15 @@ def main(argv: list[str] | None = None) -> None:
     best = 0.0
     for compiled in modes:
         r = time_loops(args, device, compiled, bf16)
-        for loop in ("plain", "stm"):
+        if "decode" in r:
+            print(
+                f"decode: compile={compiled}: DeviceClipDecoder alone {r['decode']:.1f} chunks/s "
+                f"on {device} ({args.frame_size} JPEG frames, {args.videos} videos per call)"
+            )
+        for loop in [k for k in ("plain", "stm", "stm+decode") if k in r]:
             rate = r[loop]
-            best = max(best, rate)
+            if loop != "stm+decode":  # the scaling table takes ingest apart
+                best = max(best, rate)
             tflops = rate * flops / 1e12
             mfu = (
                 f"MFU {100 * tflops / peak:.1f}% of {peak:g} TFLOP/s ({peak_src})"
