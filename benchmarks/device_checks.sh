@@ -1,0 +1,42 @@
+#!/usr/bin/env bash
+# The accelerator checks of the throughput issues in one run, sized for one 10-minute command on
+# a single-GPU machine that has PyTorch, torchvision, pyarrow and OpenCV but no Ray, MLflow or
+# PyAV (see docs/performance.md for what each figure means):
+#
+#   flow    TV-L1 in PyTorch at 340x256 on the GPU (goal: 300 frame pairs/s on one H100)
+#   ingest  --decode device: Parquet read + plan per CPU core, and the batched nvJPEG decode +
+#           crop/resize/flip rate on the GPU, next to the CPU decode path
+#   step    the fused R50 + R152 training step at 224, bf16, channels_last, eager and compiled:
+#           chunks/s and MFU (goal: 40%), and the same step fed JPEG clips decoded in the loop
+#
+#   bash benchmarks/device_checks.sh            # writes one log per check to $OUT (or ./device-out)
+#
+# Each check has its own time limit, so a slow one cannot starve the others; the limits add up
+# to 570 s.
+set -u
+cd "$(dirname "$0")/.."
+OUT=${OUT:-device-out}
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD
+PY=${PYTHON:-python3}
+
+check() {
+    local name=$1 limit=$2
+    shift 2
+    echo "== $name (limit ${limit} s): $*"
+    timeout "$limit" "$@" 2>&1 | grep -v "Warning\|warnings.warn" | tee "$OUT/$name.txt"
+    echo "== $name: exit ${PIPESTATUS[0]}"
+}
+
+{
+    date -u
+    nvidia-smi --query-gpu=name,memory.total,clocks.max.sm,driver_version --format=csv
+    $PY -c "import torch, torchvision, cv2, pyarrow; print('torch', torch.__version__, \
+'torchvision', torchvision.__version__, 'opencv', cv2.__version__, 'pyarrow', pyarrow.__version__)"
+} 2>&1 | tee "$OUT/machine.txt"
+
+check flow 150 $PY benchmarks/flow_throughput.py --no-ray --algorithms tvl1-torch \
+    --width 340 --height 256 --videos 4 --frames 65
+check ingest 90 $PY benchmarks/ingest_throughput.py --modes stages,gpu --epochs 3
+check step 330 $PY benchmarks/train_step.py --preset paper --compile both --steps 16 --warmup 8 \
+    --accum 4 --decode-jpeg
