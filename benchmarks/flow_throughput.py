@@ -22,6 +22,10 @@ on a machine with plain PyTorch and OpenCV):
 
     python benchmarks/flow_throughput.py --no-ray --algorithms tvl1-torch tvl1 \
         --width 340 --height 256 --videos 2 --frames 9 --workers 1
+
+For tvl1-torch, ``--compile on|off`` (default auto: on CUDA only) and ``--sync-every K``;
+``--no-ray`` also prints the work it did: inner iterations run per warp (per pyramid level
+too), which with the kernels an iteration launches decides its speed on a GPU.
 """
 
 from __future__ import annotations
@@ -65,17 +69,25 @@ def bare_loop(name: str, videos: list[np.ndarray], workers: int) -> tuple[int, f
     return sum(n for n, _ in done), wall, sum(c for _, c in done)
 
 
-def batched_loop(name: str, videos: list[np.ndarray], device: str | None):
-    """(pairs, wall seconds, CPU seconds) of a batched estimator in this process, one
-    ``compute`` call per video (warm-up excluded)."""
-    est = make_estimator(name, **({"device": device} if device else {}))
+def batched_loop(name: str, videos: list[np.ndarray], device: str | None, options=None):
+    """(pairs, wall seconds, CPU seconds, estimator, warm-up seconds) of a batched estimator in
+    this process, one ``compute`` call per video (warm-up excluded: CUDA start, kernels, and
+    with torch.compile the compilation, which its dynamic shapes make once for all sizes).
+    ``options``: more constructor arguments (tvl1-torch: compile, sync_every)."""
+    kwargs = {**({"device": device} if device else {}), **(options or {})}
+    est = make_estimator(name, **kwargs)
+    warm = time.perf_counter()
     est.compute(videos[0][:1, :48, :64], videos[0][1:2, :48, :64])  # warm up: CUDA, kernels
     _sync(est)
+    warm = time.perf_counter() - warm
+    if hasattr(est, "reset_stats"):
+        est.reset_stats()
     cpu, start = time.process_time(), time.perf_counter()
     for v in videos:
         est.compute(v[:-1], v[1:])
     _sync(est)
-    return sum(len(v) - 1 for v in videos), time.perf_counter() - start, time.process_time() - cpu
+    wall = time.perf_counter() - start
+    return sum(len(v) - 1 for v in videos), wall, time.process_time() - cpu, est, warm
 
 
 def _sync(est) -> None:
@@ -85,10 +97,34 @@ def _sync(est) -> None:
         torch.cuda.synchronize()
 
 
-def bare_run(name: str, videos: list[np.ndarray], workers: int, device: str | None):
+def torch_options(a) -> dict:
+    """tvl1-torch's constructor arguments from ``--compile`` and ``--sync-every``."""
+    opts = {} if a.compile == "auto" else {"compile": a.compile == "on"}
+    return opts | ({"sync_every": a.sync_every} if a.sync_every else {})
+
+
+def bare_run(name: str, videos: list[np.ndarray], workers: int, device: str | None, options=None):
     if getattr(FLOW_ESTIMATORS[name], "batched", False) or name == "tvl1-torch":
-        return batched_loop(name, videos, device)
+        return batched_loop(name, videos, device, options if name == "tvl1-torch" else None)[:3]
     return bare_loop(name, videos, workers)
+
+
+def work_line(est, warm: float) -> str:
+    """tvl1-torch's work: inner iterations run per warp (a batch's, i.e. a GPU's work), overall
+    and per pyramid level (0: full size), host syncs and outer iterations per warp."""
+    s = est.stats
+    levels = sorted(s["level_warps"])
+    top = est.outer_iterations * est.inner_iterations
+    per = ", ".join(f"{s['level_inner_iterations'][k] / s['level_warps'][k]:.1f}" for k in levels)
+    return (
+        f"  {est.name}: compile {'on' if est.compile else 'off'}"
+        f"{' (' + est.compile_mode + ')' if est.compile_mode else ''}, sync_every "
+        f"{est.sync_every}, device {est.device}; warm-up (with any compilation) {warm:.1f} s; "
+        f"inner iterations per warp {s['inner_iterations'] / s['warps']:.1f} "
+        f"(levels {levels[0]}..{levels[-1]}: {per}; max {top})"
+        f"; outer per warp {s['outer_iterations'] / s['warps']:.2f}; syncs per warp "
+        f"{s['syncs'] / s['warps']:.1f}; {s['warps'] // max(s['batches'], 1)} warps a batch"
+    )
 
 
 def photo_videos(n: int, frames: int, width: int, height: int) -> list[np.ndarray]:
@@ -124,11 +160,18 @@ def main_no_ray(a) -> None:
     )
     print("flow       | bare pairs/s | CPU ms/pair (this process or the pool) | load avg")
     for name in a.algorithms:
-        n, wall, cpu = bare_run(name, gray, a.workers, a.device)
+        batched = getattr(FLOW_ESTIMATORS[name], "batched", False) or name == "tvl1-torch"
+        if batched:
+            opts = torch_options(a) if name == "tvl1-torch" else None
+            n, wall, cpu, est, warm = batched_loop(name, gray, a.device, opts)
+        else:
+            n, wall, cpu = bare_loop(name, gray, a.workers)
         print(
             f"{name:10s} | {n / wall:12.2f} | {1000 * cpu / n:13.1f} | {os.getloadavg()[0]:.1f}",
             flush=True,
         )
+        if batched and hasattr(est, "stats"):
+            print(work_line(est, warm), flush=True)
 
 
 def main() -> None:
@@ -144,6 +187,14 @@ def main() -> None:
     p.add_argument("--smoke-test", action="store_true", help="tiny sizes, to check it runs")
     p.add_argument("--no-ray", action="store_true", help="bare loops only, no Ray and no PyAV")
     p.add_argument("--device", help="batched estimators' device (default: cuda when present)")
+    p.add_argument(
+        "--compile", choices=("auto", "on", "off"), default="auto",
+        help="tvl1-torch: torch.compile the inner step (auto: on CUDA only)",
+    )  # fmt: skip
+    p.add_argument(
+        "--sync-every", type=int, default=0,
+        help="tvl1-torch: inner iterations between convergence checks (0: its default)",
+    )  # fmt: skip
     a = p.parse_args()
     if a.smoke_test:
         a.videos, a.frames, a.width, a.height = 4, 6, 48, 32
@@ -179,7 +230,7 @@ def main() -> None:
         " CPU ms/pair bare, pipeline | overhead (CPU) | load avg"
     )
     for name in a.algorithms:
-        n, before_s, before_cpu = bare_run(name, gray, a.workers, a.device)
+        n, before_s, before_cpu = bare_run(name, gray, a.workers, a.device, torch_options(a))
         cfg = PreprocessConfig(
             source="ucf101", root=root, splits=root, out=os.path.join(work, f"out-{name}"),
             flow=name, short_side=min(a.width, a.height), num_workers=a.workers,
@@ -189,7 +240,7 @@ def main() -> None:
         if summary.processed != len(items):
             print(f"{name}: {cfg.out} already held results; use a fresh --dir")
             continue
-        n, after_s, after_cpu = bare_run(name, gray, a.workers, a.device)
+        n, after_s, after_cpu = bare_run(name, gray, a.workers, a.device, torch_options(a))
         bare = 2 * n / (before_s + after_s)
         pipe = pairs / summary.pipeline_seconds
         bare_cpu = 1000 * (before_cpu + after_cpu) / (2 * n)

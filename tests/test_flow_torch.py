@@ -6,6 +6,7 @@ from __future__ import annotations
 import cv2
 import numpy as np
 import pytest
+import torch
 
 from stm.data.flow import FLOW_ESTIMATORS, make_estimator, quantize_flow
 from stm.data.flow_torch import TorchTVL1Flow
@@ -133,3 +134,64 @@ def test_process_video_batches_all_pairs(tmp_path, estimator) -> None:
     assert calls == [2] and len(row[S.FLOW_U]) == 2
     u = np.stack([dequantize(S.decode_jpeg(b, gray=True)) for b in row[S.FLOW_U]])
     assert np.median(u[:, 8:-8, 8:-8]) == pytest.approx(2.0, abs=0.4)
+
+
+def small_pairs(n: int, h: int = 40, w: int = 48) -> tuple[np.ndarray, np.ndarray]:
+    """``n`` warped pairs cropped to h x w (40 x 48: every pyramid level has 2 H W <= 4096, so
+    Inductor's C++ backend compiles one graph, not two)."""
+    shifts = [(6, 1.3, -0.7, 1.0), (7, -2.6, 1.8, 0.0), (8, 0.5, 2.0, -1.0)][:n]
+    pairs = [warped_pair(s, dx, dy, a)[:2] for s, dx, dy, a in shifts]
+    return (
+        np.stack([np.ascontiguousarray(p[:h, :w]) for p, _ in pairs]),
+        np.stack([np.ascontiguousarray(q[:h, :w]) for _, q in pairs]),
+    )
+
+
+def test_sync_every_only_saves_work() -> None:
+    """Checking for convergence every k inner iterations (or only once an outer iteration, as
+    before) gives bit-identical flow: converged pairs are frozen by the steps themselves."""
+    prevs, nexts = small_pairs(2)
+    runs = {}
+    for k in (1, 4, 10, 1000):
+        est = TorchTVL1Flow(device="cpu", compile=False, sync_every=k)
+        runs[k] = (est.compute(prevs, nexts), dict(est.stats))
+    for k in (4, 10, 1000):
+        assert np.array_equal(runs[k][0], runs[1][0])
+    inner = {k: s["inner_iterations"] for k, (_, s) in runs.items()}
+    assert inner[1] <= inner[4] <= inner[1000]
+    assert inner[1000] <= 5 * 5 * 10 * 30  # warps x levels x outer x inner
+    s = runs[10][1]
+    assert s["pairs"] == 2 and s["batches"] == 1 and s["warps"] == 5 * len(s["level_warps"])
+    assert sum(s["level_inner_iterations"].values()) == s["inner_iterations"]
+
+
+def test_compiled_matches_eager() -> None:
+    """torch.compile'd inner step (Inductor, the C++ backend here; fullgraph: no graph breaks).
+
+    One step agrees with eager to float rounding (fused multiply-adds). Over a whole flow, such
+    a rounding difference can move a pair's stopping test (error <= epsilon) by an iteration,
+    after which the two runs differ where the flow is ill-posed: so the flow is compared after
+    quantisation, and a batch still equals one pair at a time."""
+    from stm.data.flow_torch import _compiled, _fused_step, _mark_unbacked
+
+    gen = torch.Generator().manual_seed(0)
+    n, h, w = 3, 20, 26
+    u, g = torch.randn(n, 2, h, w, generator=gen), 10 * torch.randn(n, 2, h, w, generator=gen)
+    p, rho_c = 0.1 * torch.randn(n, 2, 2, h, w, generator=gen), torch.randn(n, h, w, generator=gen)
+    args = [u, p, g, (g * g).sum(1), rho_c, torch.tensor([True, False, True])]
+    for t in args:
+        _mark_unbacked(t, 0)
+    with torch.no_grad():  # as in compute_tensor: grad mode is part of the compiled graph's key
+        fused = _compiled(None)(*args, 0.045, 0.3, 0.25 / 0.3, 0.01)
+        ref = _fused_step(*args, 0.045, 0.3, 0.25 / 0.3, 0.01)
+    for a, b in zip(fused, ref):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+    prevs, nexts = small_pairs(3)
+    eager = TorchTVL1Flow(device="cpu", compile=False).compute(prevs, nexts)
+    est = TorchTVL1Flow(device="cpu", compile=True)
+    batch = est.compute(prevs, nexts)
+    one = est.compute(prevs[1:2], nexts[1:2])[0]
+    assert all(within_two_steps(batch[k], eager[k]) >= 0.99 for k in range(3))
+    assert np.median(np.abs(batch - eager)) < 1e-3
+    np.testing.assert_allclose(one, batch[1], atol=1e-5)
