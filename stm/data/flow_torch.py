@@ -112,8 +112,10 @@ class TorchTVL1Flow:
     trades wasted iterations (at most ``sync_every`` - 1 a warp) against syncs, never the flow.
     ``compile``: run the inner step ``torch.compile``'d (Inductor fuses its ~35 elementwise
     kernels into 5 loops and a reduction); None: on CUDA only, where launches and memory
-    traffic decide the speed. On the CPU it is off: each graph costs ~20 s of C++ compilation
-    here, and the eager step, already memory-light, is within ~1.5x of it.
+    traffic decide the speed. On the CPU it is off by default although it runs 1.6-2x faster
+    there (2-core VM, 340x256 and 320x240, 2 pairs): compiling costs ~45 s a process with a cold
+    Inductor cache (two C++ graphs), a minute of work at 0.3 pairs/s, and the CPU's production
+    estimator is OpenCV's ("tvl1"); pass compile=True for long CPU runs.
     ``compile_mode``: torch.compile's ``mode`` (e.g. "reduce-overhead", CUDA graphs: not
     measured yet). ``stats``: counters of the work done (see ``reset_stats``).
     """
