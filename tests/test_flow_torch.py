@@ -195,3 +195,14 @@ def test_compiled_matches_eager() -> None:
     assert all(within_two_steps(batch[k], eager[k]) >= 0.99 for k in range(3))
     assert np.median(np.abs(batch - eager)) < 1e-3
     np.testing.assert_allclose(one, batch[1], atol=1e-5)
+
+
+def test_a_failing_compile_falls_back_to_eager(caplog) -> None:
+    """A node whose compiler toolchain fails still gets its flow (eagerly), with one warning."""
+    prev, nxt, _ = warped_pair(3, 0.8, -1.1)
+    eager = TorchTVL1Flow(device="cpu", compile=False)(prev, nxt)
+    broken = TorchTVL1Flow(device="cpu", compile=True, compile_mode="no-such-mode")
+    with caplog.at_level("WARNING", logger="stm.data.flow_torch"):
+        flow = broken(prev, nxt)
+    assert np.array_equal(flow, eager) and not broken.compile
+    assert "running eagerly" in caplog.text and "no-such-mode" in caplog.text

@@ -24,6 +24,7 @@ depend on the batch it is computed in. Plain PyTorch and numpy: no OpenCV, Ray o
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 
 import numpy as np
@@ -155,6 +156,7 @@ class TorchTVL1Flow:
         self.sync_every = max(1, int(sync_every))
         self.compile = self.device.type == "cuda" if compile is None else bool(compile)
         self.compile_mode = compile_mode
+        self._compiled_ran = False  # a compiled step has run (no fallback to eager after that)
         self.reset_stats()
 
     # --- public API -----------------------------------------------------------------------
@@ -182,7 +184,29 @@ class TorchTVL1Flow:
     @torch.no_grad()
     def compute_tensor(self, i0: torch.Tensor, i1: torch.Tensor) -> torch.Tensor:
         """(N, H, W) tensors (uint8 0..255 or float 0..1, like OpenCV) -> (N, H, W, 2) flow on
-        ``self.device``."""
+        ``self.device``.
+
+        If the compiled step fails before it has ever run (a node without a working compiler
+        toolchain for Inductor, say), this warns once and goes on eagerly: the same flow up to
+        rounding, only slower.
+        """
+        if not self.compile or self._compiled_ran:
+            return self._compute(i0, i1)
+        try:
+            out = self._compute(i0, i1)
+        except Exception as err:  # noqa: BLE001 - any compiler failure: fall back, say why
+            logger.warning(
+                "tvl1-torch: torch.compile of the inner step failed (%s: %s); running eagerly",
+                type(err).__name__,
+                str(err).splitlines()[0] if str(err) else "",
+            )
+            self.compile = False
+            self.reset_stats()
+            return self._compute(i0, i1)
+        self._compiled_ran = True
+        return out
+
+    def _compute(self, i0: torch.Tensor, i1: torch.Tensor) -> torch.Tensor:
         scale = 1.0 if i0.dtype == torch.uint8 else 255.0
         i0 = i0.to(self.device).float() * scale
         i1 = i1.to(self.device).float() * scale
@@ -350,4 +374,5 @@ def _mark_unbacked(t: torch.Tensor, dim: int) -> None:
 
 
 _COMPILED: dict = {}
+logger = logging.getLogger(__name__)
 _FLT_EPS = float(np.finfo(np.float32).eps)
