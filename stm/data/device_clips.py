@@ -19,6 +19,7 @@ Plain numpy / pyarrow / torch / torchvision: no Ray, so the benchmarks run it on
 
 from __future__ import annotations
 
+import functools
 import warnings
 from typing import Any
 
@@ -84,19 +85,16 @@ def plan_train_batch(
     fresh = np.random.default_rng()  # used only when seed is None
     cols: dict[str, list] = {name: [] for name in PLAN_SCHEMA.names}
     for row in _batch_rows(batch):
-        rng = fresh if seed is None else np.random.default_rng(
-            video_seed(seed, epoch, row[VIDEO_ID])
-        )  # fmt: skip
+        if seed is None:
+            rng = fresh
+        else:
+            rng = np.random.default_rng(video_seed(seed, epoch, row[VIDEO_ID]))
         n = int(row[NUM_FRAMES])
-        if HEIGHT in row and WIDTH in row:
-            size = (int(row[HEIGHT]), int(row[WIDTH]))
-            shape = lambda t, size=size: size  # noqa: E731
-        else:  # rows without the size columns: read it from the first chunk's frame
-            frames = _FrameCache(row)
-            shape = lambda t, frames=frames: _frame_shape(frames, t)  # noqa: E731
+        # (H, W) from the shard's size columns, else from the first chunk's decoded frame
+        size = (int(row[HEIGHT]), int(row[WIDTH])) if HEIGHT in row and WIDTH in row else None
         times, box, flip = sample_train_plan(
             n,
-            shape,
+            functools.partial(_frame_size, size, _FrameCache(row)),
             num_chunks=num_chunks,
             crop_size=crop_size,
             stride_range=stride_range,
@@ -113,6 +111,10 @@ def plan_train_batch(
         cols[BOX].append(list(box))
         cols[FLIP].append(flip)
     return pa.Table.from_pydict(cols, schema=PLAN_SCHEMA)
+
+
+def _frame_size(size: tuple[int, int] | None, frames: _FrameCache, t: int) -> tuple[int, int]:
+    return size or _frame_shape(frames, t)
 
 
 def _bytes(item: Any) -> bytes:
