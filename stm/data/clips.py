@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import logging
 import zlib
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any, NamedTuple
 
 import cv2
@@ -518,6 +518,20 @@ def video_seed(seed: int, epoch: int, video_id: str) -> np.random.SeedSequence:
     return np.random.SeedSequence([int(seed), int(epoch), zlib.crc32(str(video_id).encode())])
 
 
+def rows_with_rngs(
+    batch: Any, *, seed: int | None, epoch: int
+) -> Iterator[tuple[dict[str, Any], np.random.Generator]]:
+    """The rows of a batch (see :func:`_batch_rows`), each with its augmentation generator:
+    ``video_seed(seed, epoch, video_id)``, or with ``seed=None`` one generator of fresh OS
+    entropy shared by the batch."""
+    fresh = np.random.default_rng() if seed is None else None
+    for row in _batch_rows(batch):
+        if fresh is not None:
+            yield row, fresh
+        else:
+            yield row, np.random.default_rng(video_seed(seed, epoch, row[VIDEO_ID]))
+
+
 def train_batch(
     batch: Any,
     *,
@@ -546,13 +560,8 @@ def train_batch(
     Returns:
         {"rgb": uint8 (B, T, 3, S, S), "flow": uint8 (B, T, 2L, S, S), "label": int64 (B,)}.
     """
-    fresh = np.random.default_rng()  # used only when seed is None
     clips = []
-    for row in _batch_rows(batch):
-        if seed is None:
-            rng = fresh
-        else:
-            rng = np.random.default_rng(video_seed(seed, epoch, row[VIDEO_ID]))
+    for row, rng in rows_with_rngs(batch, seed=seed, epoch=epoch):
         clips.append(
             train_clip(
                 row,

@@ -33,14 +33,13 @@ from stm.data.clips import (
     DEFAULT_FLOW_LENGTH,
     DEFAULT_NUM_CHUNKS,
     DEFAULT_STRIDE_RANGE,
-    _batch_rows,
     _frame_shape,
     _FrameCache,
     flow_stack_indices,
+    rows_with_rngs,
     sample_train_plan,
-    video_seed,
 )
-from stm.data.shards import FLOW_U, FLOW_V, HEIGHT, LABEL, NUM_FRAMES, RGB, VIDEO_ID, WIDTH
+from stm.data.shards import FLOW_U, FLOW_V, HEIGHT, LABEL, NUM_FRAMES, RGB, WIDTH
 
 # The columns of a planned batch (one row per video).
 RGB_JPEG = "rgb_jpeg"  # list<binary>, T colour JPEGs: the chunks' RGB frames
@@ -82,13 +81,8 @@ def plan_train_batch(
         A table of :data:`PLAN_SCHEMA`, one row per video; :class:`DeviceClipDecoder` turns it
         into the arrays ``train_batch`` returns.
     """
-    fresh = np.random.default_rng()  # used only when seed is None
     cols: dict[str, list] = {name: [] for name in PLAN_SCHEMA.names}
-    for row in _batch_rows(batch):
-        if seed is None:
-            rng = fresh
-        else:
-            rng = np.random.default_rng(video_seed(seed, epoch, row[VIDEO_ID]))
+    for row, rng in rows_with_rngs(batch, seed=seed, epoch=epoch):
         n = int(row[NUM_FRAMES])
         # (H, W) from the shard's size columns, else from the first chunk's decoded frame
         size = (int(row[HEIGHT]), int(row[WIDTH])) if HEIGHT in row and WIDTH in row else None
@@ -172,7 +166,7 @@ class DeviceClipDecoder:
             nr, nf, ni = rgb_counts[b], flow_counts[b], rgb_counts[b] * self.flow_length
             y, x, h, w = boxes[b]
             # Crop, then stack in the decoder's memory order: on the CPU it returns (C, H, W)
-            # views of (H, W, C) memory, and stacking those as (C, H, W) is ~30x slower.
+            # views of (H, W, C) memory, and stacking those as (C, H, W) is far slower.
             rgb = torch.stack(
                 [im.permute(1, 2, 0)[y : y + h, x : x + w] for im in rgb_all[r0 : r0 + nr]]
             )
