@@ -103,8 +103,12 @@ def torch_options(a) -> dict:
     return opts | ({"sync_every": a.sync_every} if a.sync_every else {})
 
 
+def is_batched(name: str) -> bool:
+    return getattr(FLOW_ESTIMATORS[name], "batched", False) or name == "tvl1-torch"
+
+
 def bare_run(name: str, videos: list[np.ndarray], workers: int, device: str | None, options=None):
-    if getattr(FLOW_ESTIMATORS[name], "batched", False) or name == "tvl1-torch":
+    if is_batched(name):
         return batched_loop(name, videos, device, options if name == "tvl1-torch" else None)[:3]
     return bare_loop(name, videos, workers)
 
@@ -160,7 +164,7 @@ def main_no_ray(a) -> None:
     )
     print("flow       | bare pairs/s | CPU ms/pair (this process or the pool) | load avg")
     for name in a.algorithms:
-        batched = getattr(FLOW_ESTIMATORS[name], "batched", False) or name == "tvl1-torch"
+        batched = is_batched(name)
         if batched:
             opts = torch_options(a) if name == "tvl1-torch" else None
             n, wall, cpu, est, warm = batched_loop(name, gray, a.device, opts)
