@@ -13,27 +13,32 @@
 #   bash benchmarks/device_checks.sh            # writes one log per check to $OUT (or ./device-out)
 #
 # Each check has its own time limit, so a slow one cannot starve the others; the limits add up
-# to 570 s.
+# to 570 s. Every warning is shown (PYTHONWARNINGS=default: each once per place), and the first
+# lines give the torch, torchvision and CUDA versions: the lent machine has had torch 2.11 /
+# torchvision 0.26, older than the project's pins, and the scripts must run on both.
 set -u
 cd "$(dirname "$0")/.."
 OUT=${OUT:-device-out}
 mkdir -p "$OUT"
-export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD
+export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD PYTHONWARNINGS=default
 PY=${PYTHON:-python3}
 
 check() {
     local name=$1 limit=$2
     shift 2
     echo "== $name (limit ${limit} s): $*"
-    timeout "$limit" "$@" 2>&1 | grep -v "Warning\|warnings.warn" | tee "$OUT/$name.txt"
+    timeout "$limit" "$@" 2>&1 | tee "$OUT/$name.txt"
     echo "== $name: exit ${PIPESTATUS[0]}"
 }
 
 {
     date -u
     nvidia-smi --query-gpu=name,memory.total,clocks.max.sm,driver_version --format=csv
-    $PY -c "import torch, torchvision, cv2, pyarrow; print('torch', torch.__version__, \
-'torchvision', torchvision.__version__, 'opencv', cv2.__version__, 'pyarrow', pyarrow.__version__)"
+    $PY -c "import sys, torch, torchvision, cv2, numpy, pyarrow; print('python', \
+sys.version.split()[0], 'torch', torch.__version__, 'torchvision', torchvision.__version__, \
+'cuda', torch.version.cuda, 'cudnn', torch.backends.cudnn.version(), 'gpu', \
+torch.cuda.is_available() and torch.cuda.get_device_name(), 'opencv', cv2.__version__, \
+'numpy', numpy.__version__, 'pyarrow', pyarrow.__version__)"
 } 2>&1 | tee "$OUT/machine.txt"
 
 FLOW=(benchmarks/flow_throughput.py --no-ray --algorithms tvl1-torch --width 340 --height 256

@@ -11,7 +11,6 @@ config, on CPU or CUDA; on CUDA with bf16 autocast and channels_last, optionally
 from __future__ import annotations
 
 import argparse
-import contextlib
 import sys
 import time
 from pathlib import Path
@@ -21,7 +20,8 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from stm.config import ARCHS, FUSIONS, TEMPORALS  # noqa: E402
-from stm.model import ModelConfig, build_model  # noqa: E402
+from stm.model import ModelConfig, build_model, to_channels_last  # noqa: E402
+from stm.train.steps import autocast  # noqa: E402
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -38,7 +38,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--steps", type=int, default=5)
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--compile", action="store_true", help="torch.compile the model")
-    p.add_argument("--no-bf16", action="store_true", help="disable bf16 autocast on CUDA")
+    p.add_argument(
+        "--bf16",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="bf16 autocast (default: on CUDA only)",
+    )
+    p.add_argument(
+        "--channels-last",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="stm.model.to_channels_last (default: on CUDA only)",
+    )
     return p.parse_args(argv)
 
 
@@ -55,21 +66,19 @@ def main(argv: list[str] | None = None) -> None:
         temporal=args.temporal,
     )
     model = build_model(cfg).to(device).train()
-    if cuda:
-        model = model.to(memory_format=torch.channels_last)
+    channels_last = cuda if args.channels_last is None else args.channels_last
+    if channels_last:
+        to_channels_last(model)
     step_model = torch.compile(model) if args.compile else model
     opt = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9, weight_decay=5e-4)
     b, t, s = args.videos, args.chunks, args.size
     rgb = torch.randn(b, t, 3, s, s, device=device)
     flow = torch.randn(b, t, 2 * args.flow_length, s, s, device=device)
     labels = torch.randint(0, cfg.num_classes, (b,), device=device)
-    use_bf16 = cuda and not args.no_bf16
-    autocast = (
-        torch.autocast("cuda", dtype=torch.bfloat16) if use_bf16 else contextlib.nullcontext()
-    )
+    use_bf16 = cuda if args.bf16 is None else args.bf16
 
     def step() -> None:
-        with autocast:
+        with autocast(device, use_bf16):
             out = step_model(rgb, flow)
             loss = F.cross_entropy(out.appearance, labels) + F.cross_entropy(out.motion, labels)
         loss.backward()
@@ -90,7 +99,7 @@ def main(argv: list[str] | None = None) -> None:
     print(
         f"model_step: {args.appearance_arch}+{args.motion_arch} fusion={args.fusion} "
         f"temporal={args.temporal} size={s} videos={b} chunks={t} device={device.type} "
-        f"bf16={use_bf16} channels_last={cuda} compile={args.compile} threads="
+        f"bf16={use_bf16} channels_last={channels_last} compile={args.compile} threads="
         f"{torch.get_num_threads()}: {clips / elapsed:.1f} clips/s "
         f"({elapsed / args.steps * 1e3:.0f} ms/step)"
     )

@@ -25,7 +25,6 @@ Two loops are timed on the same synthetic uint8 micro-batches (already on the de
 from __future__ import annotations
 
 import argparse
-import contextlib
 import datetime
 import os
 import platform
@@ -39,8 +38,8 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from stm.config import ARCHS  # noqa: E402
-from stm.model import ModelConfig, build_model  # noqa: E402
-from stm.train.steps import train_one_epoch  # noqa: E402
+from stm.model import ModelConfig, build_model, to_channels_last  # noqa: E402
+from stm.train.steps import autocast, train_one_epoch  # noqa: E402
 
 ISSUE_GFLOP_PER_CHUNK = 97.6  # the issue's estimate for R50 + R152, 224x224, L=10, fwd+bwd
 # Dense bf16 peak TFLOP/s (no sparsity), matched by substring of torch.cuda.get_device_name().
@@ -84,7 +83,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=None,
         help="torch.compile the model (default: both on CUDA, off on CPU)",
     )
-    p.add_argument("--no-bf16", action="store_true", help="fp32 on CUDA (bf16 autocast default)")
+    p.add_argument(
+        "--bf16",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="bf16 autocast (default: on CUDA only)",
+    )
+    p.add_argument(
+        "--channels-last",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="channels-last weights and activations, stm.model.to_channels_last (default: on "
+        "CUDA only)",
+    )
     p.add_argument(
         "--decode-jpeg",
         action="store_true",
@@ -132,6 +143,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         args.steps, args.warmup, args.accum = 2, 1, 2
     if args.compile is None:
         args.compile = "both" if cuda else "off"
+    args.bf16 = cuda if args.bf16 is None else args.bf16
+    args.channels_last = cuda if args.channels_last is None else args.channels_last
     return args
 
 
@@ -248,8 +261,8 @@ def _sync(device: torch.device) -> None:
 
 def make_model(args, device, compiled: bool):
     model = build_model(model_config(args)).to(device).train()
-    if device.type == "cuda":
-        model = model.to(memory_format=torch.channels_last)
+    if args.channels_last:
+        to_channels_last(model)
     opt = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9, weight_decay=5e-4)
     step_model = torch.compile(model) if compiled else model
     return model, step_model, opt
@@ -259,12 +272,11 @@ def plain_loop(step_model, opt, batches, args, device, bf16: bool) -> float:
     """Seconds for ``batches``: the minimal accumulated step (no read-back, no metrics)."""
     from stm.data.clips import to_model_inputs
 
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
     _sync(device)
     start = time.perf_counter()
     for i, batch in enumerate(batches):
         rgb, flow = to_model_inputs(batch["rgb"], batch["flow"])
-        with autocast:
+        with autocast(device, bf16):
             out = step_model(rgb, flow)
         loss = F.cross_entropy(out.appearance.float(), batch["label"]) + F.cross_entropy(
             out.motion.float(), batch["label"]
@@ -349,8 +361,8 @@ def ray_overhead(args, device, bf16: bool) -> None:
         a = argparse.Namespace(**config["args"])
         dev = ray.train.torch.get_device()
         model = build_model(model_config(a)).to(dev).train()
-        if dev.type == "cuda":
-            model = model.to(memory_format=torch.channels_last)
+        if a.channels_last:
+            to_channels_last(model)
         model = ray.train.torch.prepare_model(model)
         opt = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9, weight_decay=5e-4)
         plain_loop(model, opt, synthetic_batches(a, dev, max(a.warmup, 1)), a, dev, config["bf16"])
@@ -439,7 +451,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     device = torch.device(args.device)
     cuda = device.type == "cuda"
-    bf16 = cuda and not args.no_bf16
+    bf16 = args.bf16
     cfg = model_config(args)
     print(
         f"train_step: {datetime.date.today()} host={platform.node()} torch={torch.__version__} "
@@ -448,7 +460,7 @@ def main(argv: list[str] | None = None) -> None:
         f"load={os.getloadavg()[0]:.1f} preset={args.preset} "
         f"{args.appearance_arch}+{args.motion_arch} size={args.size} L={args.flow_length} "
         f"micro-batch={args.videos} videos x {args.chunks} chunks accum={args.accum} "
-        f"bf16={bf16} channels_last={cuda} ray_imported={'ray' in sys.modules}"
+        f"bf16={bf16} channels_last={args.channels_last} ray_imported={'ray' in sys.modules}"
     )
     flops, fwd, params = count_flops(cfg, args.size, args.chunks)
     print(

@@ -60,7 +60,7 @@ def add_config_flags(
         kwargs: dict[str, Any] = {"default": argparse.SUPPRESS, "dest": f.name}
         if f.name in CHOICES:
             kwargs["choices"] = CHOICES[f.name]
-        if hint is bool:
+        if hint is bool or hint == (bool | None):  # None: the field's own "auto"
             kwargs["action"] = argparse.BooleanOptionalAction
         elif typing.get_origin(hint) is tuple:
             kwargs.update(nargs="*", type=typing.get_args(hint)[0])

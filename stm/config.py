@@ -123,6 +123,10 @@ class TrainConfig:
     # cpu: Ray Data workers decode and augment clips; device: they only sample them and ship
     # the JPEGs, which the training loop decodes on its device (nvJPEG on a GPU)
     decode: str = "cpu"
+    # the step's numerics and layout; None = on where it pays, on CUDA (bf16 autocast works on
+    # the CPU too, for tests; channels_last is slower there)
+    bf16: bool | None = None  # bf16 autocast of forward passes (losses and updates in fp32)
+    channels_last: bool | None = None  # NHWC convolutions (stm.model.to_channels_last)
     # optimisation
     epochs: int = 35
     lr: float = 0.0  # 0 = the stage's default: 1e-2 for a stream alone, 1e-3 fused
@@ -166,6 +170,19 @@ class TrainConfig:
         for name in (*positive, "split", "num_workers"):
             if getattr(self, name) < 1:
                 raise ValueError(f"invalid {name} {getattr(self, name)}: need at least 1")
+        if self.gpus_per_worker < 0 or self.cpus_per_worker <= 0:
+            raise ValueError(
+                f"invalid --gpus-per-worker {self.gpus_per_worker} / --cpus-per-worker "
+                f"{self.cpus_per_worker}: need gpus >= 0 and cpus > 0"
+            )
+        g = self.gpus_per_worker
+        if self.num_workers > 1 and 0 < g < 1:
+            raise ValueError(
+                f"--gpus-per-worker {g:g} with {self.num_workers} workers would put several "
+                "ranks on one GPU, which NCCL rejects: use whole GPUs per worker"
+            )
+        if g > 1 and g != int(g):
+            raise ValueError(f"invalid --gpus-per-worker {g:g}: above 1, a whole number")
         if not 1 <= self.stride_min <= self.stride_max:
             raise ValueError(f"invalid stride range [{self.stride_min}, {self.stride_max}]")
         if self.num_chunks > 11:
@@ -181,6 +198,12 @@ class TrainConfig:
     def accum_steps(self) -> int:
         """Micro-batches per update on each worker."""
         return self.batch_size // self.num_workers // self.bn_batch
+
+    def use_bf16(self, device_type: str) -> bool:
+        return device_type == "cuda" if self.bf16 is None else self.bf16
+
+    def use_channels_last(self, device_type: str) -> bool:
+        return device_type == "cuda" if self.channels_last is None else self.channels_last
 
     @property
     def base_lr(self) -> float:

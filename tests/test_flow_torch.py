@@ -206,3 +206,31 @@ def test_a_failing_compile_falls_back_to_eager(caplog) -> None:
         flow = broken(prev, nxt)
     assert np.array_equal(flow, eager) and not broken.compile
     assert "running eagerly" in caplog.text and "no-such-mode" in caplog.text
+
+
+def test_out_of_memory_is_raised_not_taken_for_a_compile_failure(monkeypatch) -> None:
+    """A device out of memory on the first compiled call, bare or inside a compiler error, is
+    raised as itself, and compilation stays on for the next call."""
+    from torch._dynamo.exc import BackendCompilerFailed
+
+    from stm.data.flow_torch import is_compile_failure
+
+    prev, nxt, _ = warped_pair(3, 0.8, -1.1)
+    est = TorchTVL1Flow(device="cpu", compile=True)
+
+    def out_of_memory(*args):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    monkeypatch.setattr(est, "_compute", out_of_memory)
+    with pytest.raises(torch.OutOfMemoryError, match="out of memory"):
+        est(prev, nxt)
+    assert est.compile
+
+    oom = torch.OutOfMemoryError("CUDA out of memory")
+    wrapped = BackendCompilerFailed.__new__(BackendCompilerFailed)
+    wrapped.__cause__ = oom
+    assert not is_compile_failure(oom) and not is_compile_failure(wrapped)
+    compile_error = BackendCompilerFailed.__new__(BackendCompilerFailed)
+    compile_error.__cause__ = RuntimeError("Failed to find C compiler")
+    assert is_compile_failure(compile_error)
+    assert not is_compile_failure(RuntimeError("an ordinary bug"))

@@ -243,3 +243,27 @@ def test_zero_init_residual_starts_every_unit_as_its_shortcut():
     x = torch.randn(2, 128, 8, 8)
     torch.testing.assert_close(unit(x), F.relu(x))
     assert tiny().appearance.layer2[1].bn2.weight.abs().sum() > 0  # the paper's default: off
+
+
+@pytest.mark.parametrize("temporal", ["none", "residual_all", "residual_last", "skip_all"])
+def test_channels_last_conversion_keeps_outputs(temporal):
+    """``to_channels_last``: 2-D convolutions NHWC, the temporal filters' Conv3d NDHWC (where
+    ``model.to(memory_format=channels_last)`` raises), the same scores to float rounding."""
+    from stm.model import to_channels_last
+
+    model = tiny(fusion="residual_mul", temporal=temporal, temporal_init="avg", time_pool="max")
+    if temporal != "none":
+        with pytest.raises(RuntimeError, match="rank 4"):
+            tiny(temporal=temporal).to(memory_format=torch.channels_last)
+    rgb, flow = inputs(0)
+    with torch.no_grad():
+        before = model(rgb, flow)
+        to_channels_last(model)
+        after = model(rgb, flow)
+    for m in model.modules():
+        if isinstance(m, torch.nn.Conv2d):
+            assert m.weight.is_contiguous(memory_format=torch.channels_last)
+        if isinstance(m, torch.nn.Conv3d):
+            assert m.weight.is_contiguous(memory_format=torch.channels_last_3d)
+    torch.testing.assert_close(after.appearance, before.appearance, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(after.motion, before.motion, rtol=1e-4, atol=1e-5)

@@ -21,7 +21,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from stm.data import shards as S
-from stm.data.preprocess import PreprocessConfig, UsageError, run_preprocess
+from stm.data.preprocess import PreprocessConfig, UsageError, flow_actor_pool, run_preprocess
 from stm.data.sources import SYNTHETIC_CLASSES, generate_synthetic, write_video
 
 REPO = Path(__file__).resolve().parents[1]
@@ -219,9 +219,14 @@ def test_killed_driver_resumes_without_duplicates(ray_local, tmp_path: Path) -> 
     before = {p.name: p.stat().st_mtime_ns for p in (out / "shards").glob("part-*.parquet")}
     assert 2 <= len(before) < 6
 
-    run = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    # the rerun sizes its own pool (2 CPUs, up to one actor per group): it may grow, and Ray
+    # Data has nothing to warn about it
+    rerun = [c for c in cmd if c not in ("--workers", "2")]
+    run = subprocess.run(rerun, env=env, capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stdout + run.stderr
     assert f"{len(before)} were already done" in run.stdout
+    assert "up to" in run.stderr + run.stdout, run.stderr
+    assert "will not allow it to scale up" not in run.stdout + run.stderr
     ids = shard_ids(out)
     assert len(ids) == 6 and Counter(ids).most_common(1)[0][1] == 1
     for path in (out / "shards").glob("*.parquet"):
@@ -235,3 +240,23 @@ def test_killed_driver_resumes_without_duplicates(ray_local, tmp_path: Path) -> 
     assert run.returncode == 0 and "nothing left to do (6 already done)" in run.stdout
     logs = run.stdout + run.stderr
     assert "Starting execution of Dataset" not in logs and "Ray instance" not in logs
+
+
+def test_growing_flow_actor_pool_starts_small_and_grows(ray_local) -> None:
+    """The pool preprocessing builds without --workers on a cluster with one CPU at rest (an
+    autoscaling cluster's head): it starts with one actor and grows while groups wait, up to
+    what the cluster holds (2 CPUs here)."""
+
+    class Slow:  # a flow actor's stand-in: a second per group, and which actor did it
+        def __call__(self, row: dict) -> dict:
+            time.sleep(1.0)
+            return {"pid": os.getpid()}
+
+    pool, how = flow_actor_pool(None, 0.0, 8, {"CPU": 1.0})
+    assert how == "1 (up to 8 as the cluster grows)"
+    ds = ray_local.data.from_items([{"group": i} for i in range(8)], override_num_blocks=8)
+    rows = ds.map(Slow, compute=pool, num_cpus=1).take_all()
+    assert len(rows) == 8
+    assert len({r["pid"] for r in rows}) >= 2
+    fixed, how = flow_actor_pool(3, 0.0, 8, {"CPU": 1.0})
+    assert how == "3"

@@ -249,6 +249,7 @@ def test_resume_after_the_job_is_killed_continues_epoch_and_lr(synthetic, tmp_pa
         (["--data", "/nonexistent/data"], "no shards"),
         (["--split", "3"], "--split 3"),
         (["--mlflow-uri", "http://127.0.0.1:9"], "unreachable"),
+        (["--num-workers", "2", "--gpus-per-worker", "0.5"], "several ranks on one GPU"),
     ],
 )
 def test_bad_input_is_one_line_and_exit_2(synthetic, tmp_path, flags, message):

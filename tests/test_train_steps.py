@@ -35,8 +35,8 @@ def batch(n: int, seed: int, t: int = 3, s: int = 32) -> dict[str, torch.Tensor]
     }
 
 
-def one_update(model, batches, accum_steps):
-    opt = torch.optim.SGD(model.parameters(), lr=1.0)  # the update is minus the gradient
+def one_update(model, batches, accum_steps, lr=1.0, frozen_bn=True):
+    opt = torch.optim.SGD(model.parameters(), lr=lr)  # lr 1: the update is minus the gradient
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda u: 1.0)
     stats = train_one_epoch(
         model,
@@ -46,7 +46,7 @@ def one_update(model, batches, accum_steps):
         stage="fused",
         accum_steps=accum_steps,
         device=torch.device("cpu"),
-        frozen_bn=True,
+        frozen_bn=frozen_bn,
     )
     return stats
 
@@ -127,3 +127,106 @@ def test_bn_batch_must_divide_the_per_worker_share():
     cfg = embedded_default()
     assert cfg.accum_steps * cfg.bn_batch * cfg.num_workers == cfg.batch_size
     assert dataclasses.replace(cfg, stage="motion").crop_mode == "multiscale"
+
+
+def test_trailing_group_update_is_the_mean_of_its_micro_batches():
+    """Three micro-batches at accum 2: the second update (one micro-batch) equals that
+    micro-batch's own update at accum 1, so its gradient was rescaled to a mean. (BatchNorm on
+    batch statistics: the same micro-batches in the same order give the same statistics.)"""
+    torch.manual_seed(0)
+    base = build_model(CFG)
+    micro = [batch(2, seed=10 + i) for i in range(3)]
+    a, b = copy.deepcopy(base), copy.deepcopy(base)
+    kw = dict(lr=1e-2, frozen_bn=False)
+    assert one_update(a, micro, accum_steps=2, **kw).updates == 2
+    one_update(b, micro[:2], accum_steps=2, **kw)
+    one_update(b, micro[2:], accum_steps=1, **kw)
+    for (name, pa), pb, p0 in zip(a.named_parameters(), b.parameters(), base.parameters()):
+        ua, ub = pa - p0, pb - p0
+        assert ub.norm() > 0, name
+        assert (ua - ub).norm() <= 1e-4 * ub.norm(), name
+
+
+class _Logged(torch.nn.Module):
+    """A model that logs each forward into ``events``."""
+
+    def __init__(self, model, events):
+        super().__init__()
+        self.model, self.events = model, events
+
+    def forward(self, rgb, flow):
+        self.events.append("forward")
+        return self.model(rgb, flow)
+
+
+def test_micro_batches_stream_one_ahead_not_a_whole_update():
+    """The loader is asked for the next micro-batch before the current one runs, and never
+    for more: with accum 4 the first forward comes after 2 fetches, not 4."""
+    events: list[str] = []
+
+    def loader(n):
+        for i in range(n):
+            events.append("fetch")
+            yield batch(1, seed=i)
+
+    model = _Logged(build_model(CFG), events)
+    stats = one_update(model, loader(8), accum_steps=4)
+    assert stats.updates == 2 and stats.videos == 8
+    ahead = []  # fetches minus forwards when each forward starts
+    for i, e in enumerate(events):
+        if e == "forward":
+            ahead.append(events[:i].count("fetch") - events[:i].count("forward"))
+    assert ahead == [2, 2, 2, 2, 2, 2, 2, 1], events
+
+
+def test_cpu_bf16_autocast_step_with_channels_last():
+    """The step under CPU bf16 autocast on a channels-last model: convolutions run in bf16 and
+    NHWC, the loss is finite, every trained parameter moves, weights stay channels-last."""
+    from stm.model import to_channels_last
+
+    torch.manual_seed(0)
+    model = to_channels_last(build_model(CFG))
+    before = copy.deepcopy(model)
+    seen = []
+    conv1 = model.appearance.conv1
+    conv1.register_forward_hook(lambda m, i, out: seen.append(out))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda u: 1.0)
+    stats = train_one_epoch(
+        model,
+        [batch(2, seed=1), batch(2, seed=2)],
+        opt,
+        sched,
+        stage="fused",
+        accum_steps=2,
+        device=torch.device("cpu"),
+        bf16=True,
+    )
+    assert np.isfinite(stats.loss) and stats.updates == 1 and stats.videos == 4
+    assert seen[0].dtype == torch.bfloat16
+    assert seen[0].is_contiguous(memory_format=torch.channels_last)
+    assert conv1.weight.dtype == torch.float32  # autocast casts copies; the weights stay fp32
+    assert conv1.weight.is_contiguous(memory_format=torch.channels_last)
+    moved = [
+        name
+        for (name, p), p0 in zip(model.named_parameters(), before.parameters())
+        if not torch.equal(p, p0)
+    ]
+    assert len(moved) == len(list(model.parameters()))
+
+
+def test_bf16_and_channels_last_default_to_cuda_only():
+    cfg = TrainConfig()
+    assert cfg.use_bf16("cuda") and not cfg.use_bf16("cpu")
+    assert cfg.use_channels_last("cuda") and not cfg.use_channels_last("cpu")
+    forced = TrainConfig(bf16=True, channels_last=False)
+    assert forced.use_bf16("cpu") and not forced.use_channels_last("cuda")
+
+
+@pytest.mark.parametrize("gpus", [0.5, 0.25])
+def test_fractional_gpus_with_several_workers_is_a_config_error(gpus):
+    with pytest.raises(ValueError, match="several ranks on one GPU"):
+        TrainConfig(num_workers=2, gpus_per_worker=gpus)
+    assert TrainConfig(num_workers=1, gpus_per_worker=gpus).gpus_per_worker == gpus
+    with pytest.raises(ValueError, match="whole number"):
+        TrainConfig(num_workers=2, gpus_per_worker=1.5)

@@ -19,6 +19,7 @@ Randomness comes from an explicit ``numpy.random.Generator``.
 
 from __future__ import annotations
 
+import functools
 import logging
 import zlib
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -442,28 +443,42 @@ def test_clip(
 
 
 def to_model_inputs(
-    rgb_uint8: torch.Tensor, flow_uint8: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor]:
+    rgb_uint8: torch.Tensor | None, flow_uint8: torch.Tensor | None
+) -> tuple[torch.Tensor | None, torch.Tensor | None]:
     """uint8 clips -> float32 network inputs, on whatever device the tensors live on.
 
     RGB: ``(x / 255 - mean) / std`` with the ImageNet statistics, per channel (dim -3).
     Flow: ``x - 128``, centred in uint8 units as in the original code (DESIGN.md).
+    A stream that is not given (a stream-alone stage) stays ``None``.
 
     Args:
-        rgb_uint8: (..., 3, H, W) uint8.
-        flow_uint8: (..., 2L, H, W) uint8.
+        rgb_uint8: (..., 3, H, W) uint8, or None.
+        flow_uint8: (..., 2L, H, W) uint8, or None.
 
     Returns:
         (rgb float32 of the same shape, flow float32 of the same shape).
     """
-    if rgb_uint8.shape[-3] != 3:
-        raise ValueError(f"rgb must have 3 channels at dim -3, got shape {tuple(rgb_uint8.shape)}")
-    dev = rgb_uint8.device
-    mean = torch.tensor(IMAGENET_MEAN, dtype=torch.float32, device=dev).view(3, 1, 1)
-    std = torch.tensor(IMAGENET_STD, dtype=torch.float32, device=dev).view(3, 1, 1)
-    rgb = (rgb_uint8.to(torch.float32) / 255.0 - mean) / std
-    flow = flow_uint8.to(torch.float32) - FLOW_CENTER
+    rgb = flow = None
+    if rgb_uint8 is not None:
+        if rgb_uint8.shape[-3] != 3:
+            raise ValueError(
+                f"rgb must have 3 channels at dim -3, got shape {tuple(rgb_uint8.shape)}"
+            )
+        mean, std = _imagenet_stats(rgb_uint8.device)
+        rgb = (rgb_uint8.to(torch.float32) / 255.0 - mean) / std
+    if flow_uint8 is not None:
+        flow = flow_uint8.to(torch.float32) - FLOW_CENTER
     return rgb, flow
+
+
+@functools.cache
+def _imagenet_stats(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """The ImageNet mean and std as (3, 1, 1) tensors on ``device``, made once per device: a
+    tensor built from Python numbers on a GPU is a blocking host-to-device copy, which inside
+    every micro-batch would stall the step."""
+    mean = torch.tensor(IMAGENET_MEAN, dtype=torch.float32, device=device).view(3, 1, 1)
+    std = torch.tensor(IMAGENET_STD, dtype=torch.float32, device=device).view(3, 1, 1)
+    return mean, std
 
 
 # --- batch samplers for Ray Data map_batches --------------------------------------------------

@@ -48,6 +48,9 @@ FLOW_INDEX = "flow_index"  # list<int32>, T*L: chunk i's stack is frames flow_in
 BOX = "box"  # list<int32>, the crop (y, x, h, w) in frame pixels
 FLIP = "flip"  # bool
 
+# A decoded batch made on a CUDA side stream carries the event that marks it done.
+READY = "ready"
+
 PLAN_SCHEMA = pa.schema(
     [
         pa.field(LABEL, pa.int64(), nullable=False),
@@ -132,6 +135,11 @@ class DeviceClipDecoder:
     ``decoder(table)`` returns {"rgb": uint8 (B, T, 3, S, S), "flow": uint8 (B, T, 2L, S, S),
     "label": int64 (B,)} on ``device``: the arrays of :func:`stm.data.clips.train_batch`, in
     one batched ``decode_jpeg`` call per image mode for the whole micro-batch.
+
+    On CUDA the work runs on a side stream of its own, so the next micro-batch decodes while
+    the compute stream runs the current one; the batch then also carries a :data:`READY`
+    event, which :func:`wait_ready` makes the consuming stream wait for. Nothing here waits for
+    the device: the few host arrays (labels, flow indices) go up from pinned memory.
     """
 
     def __init__(
@@ -143,19 +151,33 @@ class DeviceClipDecoder:
         self.size = (int(crop_size), int(crop_size))
         self.flow_length = int(flow_length)
         self.device = torch.device(device)
+        self.stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
 
-    def __call__(self, batch: pa.Table | pa.RecordBatch) -> dict[str, torch.Tensor]:
-        from torchvision.io import ImageReadMode, decode_jpeg
-
+    def __call__(self, batch: pa.Table | pa.RecordBatch) -> dict[str, Any]:
         if batch.num_rows == 0:
             raise ValueError("an empty batch of planned clips")
+        if self.stream is None:
+            return self._decode(batch)
+        with torch.cuda.stream(self.stream):
+            # torchvision's CUDA decode_jpeg allocates its outputs on the current stream but
+            # writes them from a pool stream that does not wait for it (pytorch/vision#9606):
+            # a block this stream freed while its kernels were still queued could be
+            # overwritten early. Let this stream's own earlier work finish first (it is the
+            # previous micro-batch's small crop/resize work, normally done long ago).
+            self.stream.synchronize()
+            out = self._decode(batch)
+            out[READY] = self.stream.record_event()
+        return out
+
+    def _decode(self, batch: pa.Table | pa.RecordBatch) -> dict[str, Any]:
+        from torchvision.io import ImageReadMode, decode_jpeg
+
         cols = {name: _array(batch.column(name)) for name in PLAN_SCHEMA.names}
         rgb_counts = cols[RGB_JPEG].value_lengths().to_pylist()
         flow_counts = cols[FLOW_JPEG].value_lengths().to_pylist()
-        index_all = torch.from_numpy(cols[FLOW_INDEX].flatten().to_numpy().astype(np.int64))
-        index_all = index_all.to(self.device)  # (B*T*L,)
+        index_all = self._upload(cols[FLOW_INDEX].flatten().to_numpy().astype(np.int64))
         boxes, flips = cols[BOX].to_pylist(), cols[FLIP].to_pylist()
-        labels = torch.tensor(cols[LABEL].to_pylist(), dtype=torch.int64, device=self.device)
+        labels = self._upload(cols[LABEL].to_numpy().astype(np.int64))
         rgb_all = decode_jpeg(_tensors(cols[RGB_JPEG]), mode=ImageReadMode.RGB, device=self.device)
         flow_all = decode_jpeg(
             _tensors(cols[FLOW_JPEG]), mode=ImageReadMode.GRAY, device=self.device
@@ -184,6 +206,14 @@ class DeviceClipDecoder:
             r0, f0, i0 = r0 + nr, f0 + nf, i0 + ni
         return {"rgb": torch.stack(rgb_out), "flow": torch.stack(flow_out), "label": labels}
 
+    def _upload(self, array: np.ndarray) -> torch.Tensor:
+        """A host array on the device without waiting: pageable memory would make the copy
+        blocking, so it goes through pinned memory on CUDA."""
+        t = torch.from_numpy(np.ascontiguousarray(array))
+        if self.device.type == "cuda":
+            t = t.pin_memory()
+        return t.to(self.device, non_blocking=True)
+
     def _resize(self, x: torch.Tensor) -> torch.Tensor:
         """uint8 (N, C, h, w) -> (N, C, S, S): bilinear, half-pixel centres, no anti-aliasing
         (``cv2.INTER_LINEAR``), rounded back to uint8."""
@@ -209,3 +239,17 @@ def _tensors(column: pa.Array) -> list[torch.Tensor]:
         warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
         data = torch.from_numpy(np.frombuffer(values.buffers()[2], dtype=np.uint8))
     return [data[a:b] for a, b in zip(offsets[:-1].tolist(), offsets[1:].tolist())]
+
+
+def wait_ready(batch: dict[str, Any]) -> None:
+    """Make the current CUDA stream wait for a batch that :class:`DeviceClipDecoder` made on
+    its side stream, and tell the caching allocator that this stream uses its tensors (so
+    their memory is not reused before this stream is done with them). Other batches pass."""
+    event = batch.pop(READY, None)
+    if event is None:
+        return
+    stream = torch.cuda.current_stream()
+    stream.wait_event(event)
+    for value in batch.values():
+        if isinstance(value, torch.Tensor) and value.is_cuda:
+            value.record_stream(stream)

@@ -186,15 +186,18 @@ class TorchTVL1Flow:
         """(N, H, W) tensors (uint8 0..255 or float 0..1, like OpenCV) -> (N, H, W, 2) flow on
         ``self.device``.
 
-        If the compiled step fails before it has ever run (a node without a working compiler
+        If compiling the step fails before it has ever run (a node without a working compiler
         toolchain for Inductor, say), this warns once and goes on eagerly: the same flow up to
-        rounding, only slower.
+        rounding, only slower. Any other error, a CUDA out-of-memory above all (even one hit
+        while compiling), is raised as it is: it is no reason to give up compilation for good.
         """
         if not self.compile or self._compiled_ran:
             return self._compute(i0, i1)
         try:
             out = self._compute(i0, i1)
-        except Exception as err:  # noqa: BLE001 - any compiler failure: fall back, say why
+        except Exception as err:
+            if not is_compile_failure(err):
+                raise
             logger.warning(
                 "tvl1-torch: torch.compile of the inner step failed (%s: %s); running eagerly",
                 type(err).__name__,
@@ -353,6 +356,24 @@ def _fused_step(u, p, g, grad, rho_c, active, l_t: float, theta: float, taut: fl
     return _inner_step(u, p, _step_constants(g, grad, rho_c, l_t), active, theta, taut, eps)
 
 
+class CompileSetupError(RuntimeError):
+    """``torch.compile`` itself refused (a mode this torch does not know, say)."""
+
+
+def is_compile_failure(err: BaseException) -> bool:
+    """Whether ``err`` is torch.compile failing (Dynamo or Inductor, or ``torch.compile``
+    itself), and not a device running out of memory, anywhere in its chain of causes."""
+    chain = []
+    while err is not None and err not in chain:
+        chain.append(err)
+        err = err.__cause__ or err.__context__
+    if any(isinstance(e, torch.OutOfMemoryError) for e in chain):
+        return False
+    from torch._dynamo.exc import TorchDynamoException  # Inductor's errors derive from it
+
+    return any(isinstance(e, (TorchDynamoException, CompileSetupError)) for e in chain)
+
+
 def _compiled(mode: str | None):
     """``_fused_step`` compiled (one per mode; Dynamo's cache lives on the code object anyway).
 
@@ -363,7 +384,10 @@ def _compiled(mode: str | None):
     specialisation, a single pair runs the same graph): one graph for every size (two on the
     CPU, where Inductor's C++ reductions guard on 2 H W <= 4096)."""
     if mode not in _COMPILED:
-        _COMPILED[mode] = torch.compile(_fused_step, fullgraph=True, dynamic=True, mode=mode)
+        try:
+            _COMPILED[mode] = torch.compile(_fused_step, fullgraph=True, dynamic=True, mode=mode)
+        except Exception as err:
+            raise CompileSetupError(f"torch.compile(mode={mode!r}): {err}") from err
     return _COMPILED[mode]
 
 

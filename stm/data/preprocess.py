@@ -29,6 +29,7 @@ import time
 import warnings
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
+from typing import Any
 
 import cv2
 import numpy as np
@@ -424,6 +425,50 @@ def _failed_row(video_id: str, reason: str) -> dict:
     return {S.VIDEO_ID: video_id, S.STATUS: S.STATUS_FAILED, S.ERROR: reason, S.SHARD: ""}
 
 
+GROWING_IN_FLIGHT = 2  # groups in flight per actor of a growing pool (flow_actor_pool)
+
+
+def flow_actor_pool(
+    num_workers: int | None,
+    gpus_per_worker: float,
+    num_groups: int,
+    resources: dict[str, float],
+) -> tuple[Any, str]:
+    """The flow actors' ``ActorPoolStrategy`` and a description of it for the log.
+
+    ``num_workers`` fixes the pool. Without it the pool starts with what the cluster has now
+    (``resources``: its CPUs, or GPUs / ``gpus_per_worker``) and grows to one actor per group:
+    on an autoscaling cluster (no workers at rest) the pending actors make the autoscaler add
+    nodes; on a fixed cluster no more actors start than its resources allow.
+
+    A growing pool takes two groups in flight per actor. Ray Data grows a pool when its
+    utilisation (tasks in flight per actor slot) passes 175%; with one in flight it never
+    passes 100%, so the pool would stay at its first size (and Ray Data warns that it "will not
+    allow it to scale up"). The second group waits in the actor's queue: at the end of a run
+    one actor may still hold one queued group while another is idle.
+    """
+    import ray
+
+    if num_workers:
+        workers = min(num_workers, num_groups)
+        return ray.data.ActorPoolStrategy(size=workers, max_tasks_in_flight_per_actor=1), (
+            f"{workers}"
+        )
+    if gpus_per_worker > 0:
+        now = int(resources.get("GPU", 0) / gpus_per_worker)
+    else:
+        now = int(resources.get("CPU", 1))
+    workers = min(max(1, now), num_groups)
+    if workers == num_groups:  # nothing to grow into: a fixed pool, one group per actor
+        return ray.data.ActorPoolStrategy(size=workers, max_tasks_in_flight_per_actor=1), (
+            f"{workers}"
+        )
+    pool = ray.data.ActorPoolStrategy(
+        min_size=workers, max_size=num_groups, max_tasks_in_flight_per_actor=GROWING_IN_FLIGHT
+    )
+    return pool, f"{workers} (up to {num_groups} as the cluster grows)"
+
+
 def _run_pipeline(
     cfg: PreprocessConfig, fs: pafs.FileSystem, root: str, todo: Sequence[VideoItem]
 ) -> dict:
@@ -445,23 +490,9 @@ def _run_pipeline(
         }
         for g in groups
     ]
-    if cfg.num_workers:  # a fixed pool
-        workers = min(cfg.num_workers, len(groups))
-        pool = ray.data.ActorPoolStrategy(size=workers, max_tasks_in_flight_per_actor=1)
-        how = f"{workers}"
-    else:
-        # Start with what the cluster has now and let the pool grow to one actor per group:
-        # on an autoscaling cluster (0 workers at rest) the pending actors make the autoscaler
-        # add nodes; on a fixed cluster no more actors start than its resources allow.
-        if cfg.gpus_per_worker > 0:
-            now = int(ray.cluster_resources().get("GPU", 0) / cfg.gpus_per_worker)
-        else:
-            now = int(ray.cluster_resources().get("CPU", 1))
-        workers = min(max(1, now), len(groups))
-        pool = ray.data.ActorPoolStrategy(
-            min_size=workers, max_size=len(groups), max_tasks_in_flight_per_actor=1
-        )
-        how = f"{workers} (up to {len(groups)} as the cluster grows)"
+    pool, how = flow_actor_pool(
+        cfg.num_workers, cfg.gpus_per_worker, len(groups), ray.cluster_resources()
+    )
     logger.info(
         "%d groups of up to %d videos on %s flow actors", len(groups), cfg.videos_per_shard, how
     )
@@ -487,7 +518,6 @@ def _run_pipeline(
                 "max_frames": cfg.max_frames,
                 "jpeg_quality": cfg.jpeg_quality,
             },
-            # one group at a time per actor: groups are long, queues would unbalance the pool
             compute=pool,
             num_cpus=1,
             **({"num_gpus": cfg.gpus_per_worker} if cfg.gpus_per_worker > 0 else {}),

@@ -2,7 +2,13 @@
 
 from stm.config import ModelConfig
 from stm.model.imagenet import load_imagenet
-from stm.model.two_stream import StreamScores, TwoStreamNet, build_model, fuse_scores
+from stm.model.two_stream import (
+    StreamScores,
+    TwoStreamNet,
+    build_model,
+    fuse_scores,
+    to_channels_last,
+)
 
 __all__ = [
     "ModelConfig",
@@ -11,4 +17,5 @@ __all__ = [
     "build_model",
     "fuse_scores",
     "load_imagenet",
+    "to_channels_last",
 ]

@@ -185,6 +185,26 @@ class TwoStreamNet(nn.Module):
         return fuse_scores(self(rgb, flow), motion_weight)
 
 
+def to_channels_last(model: nn.Module) -> nn.Module:
+    """Put ``model``'s convolution weights in the channels-last layouts, in place: 4-D weights
+    (the 2-D ResNet convolutions) in ``channels_last``, 5-D ones (the temporal filters' Conv3d)
+    in ``channels_last_3d``. Outputs are unchanged; convolutions then run NHWC, the layout
+    tensor cores want under bf16.
+
+    ``model.to(memory_format=torch.channels_last)`` cannot do this: it converts every 4-D *and*
+    5-D parameter to the 4-D layout, and raises on the temporal filters' 5-D weights. Activations
+    follow the weights: a convolution with a channels-last weight returns a channels-last output,
+    and the temporal filter's (B*T, C, H, W) -> (B, C, T, H, W) view of an NHWC tensor is NDHWC.
+    """
+    formats = {4: torch.channels_last, 5: torch.channels_last_3d}
+    for module in model.modules():
+        for tensor in (*module.parameters(recurse=False), *module.buffers(recurse=False)):
+            fmt = formats.get(tensor.dim())
+            if fmt is not None:
+                tensor.data = tensor.data.contiguous(memory_format=fmt)
+    return model
+
+
 def build_model(cfg: ModelConfig) -> TwoStreamNet:
     """The only reader of ``ModelConfig``: builds both streams and connects them."""
     zero = cfg.zero_init_residual

@@ -19,7 +19,7 @@ import torch.distributed as dist
 
 from stm.config import TrainConfig, from_dict, to_dict
 from stm.data.device_clips import DeviceClipDecoder
-from stm.model import build_model
+from stm.model import build_model, to_channels_last
 from stm.model.two_stream import TwoStreamNet
 from stm.train import tracking
 from stm.train.steps import accuracy, evaluate, lr_factor, streams_of, train_one_epoch
@@ -93,12 +93,30 @@ def _grad_sync_counter(model: torch.nn.Module) -> list[int]:
     return count
 
 
-def _all_reduce(values: np.ndarray) -> np.ndarray:
+def all_reduce_sum(values: np.ndarray, device: torch.device) -> np.ndarray:
+    """The workers' ``values`` summed (float64), reduced on ``device``: the process group's
+    backend is NCCL on GPUs, and NCCL reduces only CUDA tensors."""
     if not (dist.is_available() and dist.is_initialized()):
         return values
-    t = torch.from_numpy(np.ascontiguousarray(values, dtype=np.float64))
+    t = torch.from_numpy(np.ascontiguousarray(values, dtype=np.float64)).to(device)
     dist.all_reduce(t)
-    return t.numpy()
+    return t.cpu().numpy()
+
+
+def rank_seed(seed: int, rank: int) -> int:
+    """The torch seed of one rank after the model is built: dropout masks (and any other torch
+    randomness in the step) differ between ranks, as one large batch's would."""
+    return int(np.random.SeedSequence([seed, rank]).generate_state(1)[0])
+
+
+def build_worker_model(cfg: TrainConfig, rank: int) -> TwoStreamNet:
+    """The stage's model on one rank: the same initial weights on every rank (``cfg.seed``;
+    DDP also broadcasts rank 0's), then torch's generator re-seeded per rank."""
+    torch.manual_seed(cfg.seed)
+    model = build_model(cfg.model)
+    freeze_unused_stream(model, cfg.stage)
+    torch.manual_seed(rank_seed(cfg.seed, rank))
+    return model
 
 
 def updates_per_epoch(num_train: int, world: int, cfg: TrainConfig) -> int:
@@ -107,15 +125,23 @@ def updates_per_epoch(num_train: int, world: int, cfg: TrainConfig) -> int:
     return max(1, math.ceil(micro / cfg.accum_steps))
 
 
-def train_batches(shard: Any, cfg: TrainConfig, device: torch.device) -> Iterable[dict]:
+PREFETCH_BATCHES = 2  # micro-batches Ray's iterator thread prepares ahead of the step
+
+
+def train_batches(
+    shard: Any, cfg: TrainConfig, device: torch.device, decoder: DeviceClipDecoder | None = None
+) -> Iterable[dict]:
     """One epoch of this worker's training micro-batches of ``bn_batch`` videos: uint8 clips
-    decoded by Ray Data (``decode="cpu"``), or planned clips decoded here on ``device``."""
+    decoded by Ray Data (``decode="cpu"``), copied to ``device`` from pinned memory by Ray's
+    iterator thread, or planned clips that ``decoder`` decodes here on ``device``."""
     kwargs = dict(
-        batch_size=cfg.bn_batch, drop_last=True, local_shuffle_buffer_size=4 * cfg.bn_batch
+        batch_size=cfg.bn_batch,
+        drop_last=True,
+        local_shuffle_buffer_size=4 * cfg.bn_batch,
+        prefetch_batches=PREFETCH_BATCHES,
     )
-    if cfg.decode == "cpu":
-        return shard.iter_torch_batches(**kwargs)
-    decoder = DeviceClipDecoder(cfg.crop_size, cfg.model.flow_length, device)
+    if decoder is None:
+        return shard.iter_torch_batches(device=device, pin_memory=device.type == "cuda", **kwargs)
     return map(decoder, shard.iter_batches(batch_format="pyarrow", **kwargs))
 
 
@@ -131,13 +157,10 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     device = ray.train.torch.get_device()
-    cuda = device.type == "cuda"
-    if not cuda:
+    if device.type != "cuda":
         torch.set_num_threads(max(1, int(round(cfg.cpus_per_worker))))
-    torch.manual_seed(cfg.seed)
-
-    model = build_model(cfg.model)
-    freeze_unused_stream(model, cfg.stage)
+    bf16 = cfg.use_bf16(device.type)
+    model = build_worker_model(cfg, rank)
     upe = updates_per_epoch(config["num_train"], world, cfg)
 
     resume = ray.train.get_checkpoint()
@@ -153,8 +176,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         missing, unexpected = model.load_state_dict(init, strict=False)
         if unexpected:
             raise ValueError(f"initial weights do not fit the model: {unexpected[:5]}")
-    if cuda:
-        model = model.to(memory_format=torch.channels_last)
+    if cfg.use_channels_last(device.type):
+        to_channels_last(model)
     ddp = ray.train.torch.prepare_model(model)
     net: TwoStreamNet = ddp.module if hasattr(ddp, "module") else ddp
     syncs = _grad_sync_counter(ddp) if hasattr(ddp, "no_sync") else None
@@ -180,10 +203,13 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     uri, run_id = config["tracking_uri"], config["run_id"]
     class_names = config["class_names"]
     score = float(state["metrics"].get(SCORE, 0.0)) if state is not None else 0.0
+    decoder = None
+    if cfg.decode == "device":
+        decoder = DeviceClipDecoder(cfg.crop_size, cfg.model.flow_length, device)
     for epoch in range(start_epoch, cfg.epochs + 1):
         lr = scheduler.get_last_lr()[0]
         syncs_before = syncs[0] if syncs else 0
-        batches = train_batches(train_shard, cfg, device)
+        batches = train_batches(train_shard, cfg, device, decoder)
         stats = train_one_epoch(
             ddp,
             batches,
@@ -192,13 +218,14 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             stage=cfg.stage,
             accum_steps=cfg.accum_steps,
             device=device,
-            bf16=cuda,
+            bf16=bf16,
             frozen_bn=cfg.frozen_bn,
         )
         # Sum the workers' counts, then form the metrics.
         keys = sorted(stats.correct)
-        sums = _all_reduce(
-            np.array([stats.loss, stats.videos, stats.seconds, *[stats.correct[k] for k in keys]])
+        sums = all_reduce_sum(
+            np.array([stats.loss, stats.videos, stats.seconds, *[stats.correct[k] for k in keys]]),
+            device,
         )
         videos = max(sums[1], 1.0)
         metrics: dict[str, float] = {
@@ -222,10 +249,10 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                 stage=cfg.stage,
                 num_classes=cfg.model.num_classes,
                 device=device,
-                bf16=cuda,
+                bf16=bf16,
             )
             names = sorted(confusions)
-            stacked = _all_reduce(np.stack([confusions[n] for n in names]).astype(np.float64))
+            stacked = all_reduce_sum(np.stack([confusions[n] for n in names]), device)
             confusions = {n: stacked[i].astype(np.int64) for i, n in enumerate(names)}
             for n, c in confusions.items():
                 metrics[f"test_video_acc_{n}"] = accuracy(c)

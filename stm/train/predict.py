@@ -81,6 +81,17 @@ def default_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
+def _on_device(loaded: LoadedModel, device: torch.device) -> tuple[TwoStreamNet, bool]:
+    """The model in eval mode on ``device`` (channels-last where the run's config says so
+    for this device type), and whether to run it under bf16 autocast."""
+    from stm.model import to_channels_last
+
+    model = loaded.model.to(device).eval()
+    if loaded.cfg.use_channels_last(device.type):
+        to_channels_last(model)
+    return model, loaded.cfg.use_bf16(device.type)
+
+
 def _stream_inputs(
     clip: dict[str, np.ndarray], stage: str, device: torch.device
 ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
@@ -145,11 +156,11 @@ def predict_video(
         crop_size=cfg.crop_size,
     )
     device = device or default_device()
-    model = loaded.model.to(device).eval()
+    model, bf16 = _on_device(loaded, device)
     rgb, flw = _stream_inputs(
         {"rgb": clip["rgb"][None], "flow": clip["flow"][None]}, cfg.stage, device
     )
-    scores = video_scores(model, rgb, flw, bf16=device.type == "cuda")
+    scores = video_scores(model, rgb, flw, bf16=bf16)
     probs = scores.get("fused", next(iter(scores.values())))[0].cpu().numpy()
     order = np.argsort(-probs, kind="stable")[: max(1, top_k)]
     return Prediction(
@@ -230,14 +241,14 @@ def evaluate_split(
         raise UsageError(f"--split {split}: no test videos in {data}")
     device = device or default_device()
     started = time.perf_counter()
-    model = loaded.model.to(device).eval()
+    model, bf16 = _on_device(loaded, device)
     confusion = evaluate(
         model,
         _test_batches(data, split, loaded.cfg, limit),
         stage=loaded.cfg.stage,
         num_classes=loaded.cfg.model.num_classes,
         device=device,
-        bf16=device.type == "cuda",
+        bf16=bf16,
     )
     videos = int(next(iter(confusion.values())).sum())
     return SplitEvaluation(

@@ -14,6 +14,7 @@ import math
 import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import torch
@@ -21,6 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from stm.data.clips import to_model_inputs
+from stm.data.device_clips import wait_ready
 from stm.model import fuse_scores
 from stm.model.two_stream import StreamScores
 
@@ -38,17 +40,24 @@ def lr_factor(update: int, updates_per_epoch: int, milestones: tuple[int, ...]) 
     return 0.1 ** sum(epoch >= m for m in milestones)
 
 
+def autocast(device: torch.device, bf16: bool) -> contextlib.AbstractContextManager:
+    """bf16 autocast on ``device``'s type (CUDA or CPU), or nothing."""
+    if not bf16:
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=torch.bfloat16)
+
+
 def model_inputs(
     batch: dict[str, torch.Tensor], stage: str, device: torch.device
 ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
     """uint8 clips of a batch to the model's float inputs on ``device`` (None for a stream the
-    stage does not use). The uint8 tensors travel; normalisation happens on the device."""
+    stage does not use). The uint8 tensors travel; normalisation happens on the device. Clips
+    decoded on a side stream (``--decode device``) are waited for here, on the compute stream."""
+    wait_ready(batch)
     streams = streams_of(stage)
     rgb = batch["rgb"].to(device, non_blocking=True) if "appearance" in streams else None
     flow = batch["flow"].to(device, non_blocking=True) if "motion" in streams else None
-    none = torch.zeros(1, 3, 1, 1, dtype=torch.uint8, device=device)  # stands in for a stream
-    rgb_f, flow_f = to_model_inputs(none if rgb is None else rgb, none if flow is None else flow)
-    return (None if rgb is None else rgb_f), (None if flow is None else flow_f)
+    return to_model_inputs(rgb, flow)
 
 
 def loss_of(scores: StreamScores, labels: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -78,15 +87,19 @@ class EpochStats:
         return m
 
 
-def _groups(batches: Iterable, size: int) -> Iterator[list]:
-    group: list = []
-    for b in batches:
-        group.append(b)
-        if len(group) == size:
-            yield group
-            group = []
-    if group:
-        yield group
+def _one_ahead(batches: Iterable) -> Iterator[tuple[Any, bool]]:
+    """``(batch, is_last)`` pairs, fetching the next batch before the current one is used: the
+    loader (Ray's prefetch, a side-stream decode) works while the device runs the current one,
+    and the end of the epoch is known at its last micro-batch."""
+    it = iter(batches)
+    try:
+        current = next(it)
+    except StopIteration:
+        return
+    for following in it:
+        yield current, False
+        current = following
+    yield current, True
 
 
 def train_one_epoch(
@@ -106,6 +119,10 @@ def train_one_epoch(
     per ``accum_steps`` micro-batches. The loss of each micro-batch is scaled by
     1/accum_steps, so an update's gradient is the mean over its videos, as one big batch's.
 
+    Micro-batches stream through forward/backward one at a time, the next one fetched before
+    the current one runs (never a whole update's worth held at once). Nothing inside the epoch
+    waits for the device: the running sums stay on it and are read once, at the end.
+
     A trailing group of fewer micro-batches (only at the end of an epoch) still makes an
     update, its gradient rescaled to a mean; every worker sees the same number of
     micro-batches (equal shards), so DDP's collective calls stay matched.
@@ -118,48 +135,49 @@ def train_one_epoch(
         for m in model.modules():
             if isinstance(m, nn.modules.batchnorm._BatchNorm):
                 m.eval()
-    stats = EpochStats(correct={n: 0 for n in (*streams_of(stage), "fused")})
     scored = (*streams_of(stage), "fused") if stage == "fused" else streams_of(stage)
+    stats = EpochStats(correct={n: 0 for n in scored})
+    # On the device, float64 (exact for float32 losses and counts): [sum of loss x videos,
+    # correct of each scored name]. The videos are counted here (shapes are host-side).
+    totals = torch.zeros(1 + len(scored), dtype=torch.float64, device=device)
     start = time.perf_counter()
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
-    for group in _groups(batches, accum_steps):
-        optimizer.zero_grad(set_to_none=True)
-        # Per micro-batch, on the device: [loss, correct of each scored name] in float64 (exact
-        # for float32 losses and counts). Read once per update, after the step is queued:
-        # float(loss) / int(count) per micro-batch would wait for the GPU every micro-batch.
-        pending: list[torch.Tensor] = []
-        sizes: list[int] = []
-        for i, batch in enumerate(group):
-            last = i == len(group) - 1
-            sync = contextlib.nullcontext() if last or not hasattr(model, "no_sync") else None
-            with sync or model.no_sync():
-                labels = batch["label"].to(device)
-                rgb, flow = model_inputs(batch, stage, device)
-                with autocast:
-                    scores = model(rgb, flow)
-                losses = loss_of(scores, labels)
-                loss = sum(losses.values())
-                (loss * (1.0 / len(group))).backward()
-            with torch.no_grad():
-                preds = [getattr(scores, name).argmax(-1) for name in streams_of(stage)]
-                if stage == "fused":
-                    preds.append(fuse_scores(scores).argmax(-1))
-                counts = [(pred == labels).sum().double() for pred in preds]
-                pending.append(torch.stack([loss.detach().double(), *counts]))
-            sizes.append(int(labels.shape[0]))
-        optimizer.step()
-        scheduler.step()
-        # One device -> host read per update; summed in the same order as one at a time.
-        for n, (batch_loss, *correct) in zip(sizes, torch.stack(pending).tolist()):
-            stats.loss += batch_loss * n
+    in_group = 0  # micro-batches of the current update so far
+    for batch, last_of_epoch in _one_ahead(batches):
+        if in_group == 0:
+            optimizer.zero_grad(set_to_none=True)
+        in_group += 1
+        ends_update = in_group == accum_steps or last_of_epoch
+        no_sync = not ends_update and hasattr(model, "no_sync")
+        with model.no_sync() if no_sync else contextlib.nullcontext():
+            rgb, flow = model_inputs(batch, stage, device)
+            labels = batch["label"].to(device, non_blocking=True)
+            with autocast(device, bf16):
+                scores = model(rgb, flow)
+            losses = loss_of(scores, labels)
+            loss = sum(losses.values())
+            (loss * (1.0 / accum_steps)).backward()
+        with torch.no_grad():
+            preds = [getattr(scores, name).argmax(-1) for name in streams_of(stage)]
+            if stage == "fused":
+                preds.append(fuse_scores(scores).argmax(-1))
+            n = labels.shape[0]
+            counts = [(pred == labels).sum().double() for pred in preds]
+            totals += torch.stack([loss.detach().double() * n, *counts])
             stats.videos += n
-            for name, c in zip(scored, correct):
-                stats.correct[name] += int(c)
-        stats.updates += 1
-        if on_update is not None:
-            on_update(stats.updates)
-    if stage != "fused":
-        stats.correct.pop("fused")
+        if ends_update:
+            if in_group < accum_steps:  # a trailing group: its gradient back to a mean
+                for group in optimizer.param_groups:
+                    for p in group["params"]:
+                        if p.grad is not None:
+                            p.grad.mul_(accum_steps / in_group)
+            optimizer.step()
+            scheduler.step()
+            in_group = 0
+            stats.updates += 1
+            if on_update is not None:
+                on_update(stats.updates)
+    stats.loss, *correct = totals.tolist()  # the epoch's one device -> host read
+    stats.correct = {name: int(c) for name, c in zip(scored, correct)}
     stats.seconds = time.perf_counter() - start
     return stats
 
@@ -181,8 +199,7 @@ def video_scores(
     """
     x = rgb if rgb is not None else flow
     b, v = x.shape[:2]
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
-    with autocast:
+    with autocast(x.device, bf16):
         scores = model(
             None if rgb is None else rgb.flatten(0, 1),  # (B*V, T, 3, H, W)
             None if flow is None else flow.flatten(0, 1),  # (B*V, T, 2L, H, W)
