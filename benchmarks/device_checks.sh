@@ -7,6 +7,9 @@
 #           pairs/s on one H100)
 #   ingest  --decode device: Parquet read + plan per CPU core, and the batched nvJPEG decode +
 #           crop/resize/flip rate on the GPU, next to the CPU decode path
+#   contact the training path's GPU-only properties (benchmarks/gpu_contact.py): channels-last
+#           layout, the loop's reduction on NCCL, no host syncs inside an epoch, side-stream
+#           JPEG decode under allocator churn
 #   step    the fused R50 + R152 training step at 224, bf16, channels_last, eager and compiled:
 #           chunks/s and MFU (goal: 40%), and the same step fed JPEG clips decoded in the loop
 #
@@ -41,11 +44,12 @@ torch.cuda.is_available() and torch.cuda.get_device_name(), 'opencv', cv2.__vers
 'numpy', numpy.__version__, 'pyarrow', pyarrow.__version__)"
 } 2>&1 | tee "$OUT/machine.txt"
 
+check contact 40 $PY benchmarks/gpu_contact.py
 FLOW=(benchmarks/flow_throughput.py --no-ray --algorithms tvl1-torch --width 340 --height 256
     --videos 8 --frames 65 --workers 1)
 check flow-compiled 140 $PY "${FLOW[@]}" --compile on
 check flow-eager 60 $PY "${FLOW[@]}" --compile off
-check ingest 70 $PY benchmarks/ingest_throughput.py --modes stages,gpu --epochs 3
+check ingest 60 $PY benchmarks/ingest_throughput.py --modes stages,gpu --epochs 3
 # eager first, then compiled: a slow compile still leaves the eager figures in the log
-check step 300 $PY benchmarks/train_step.py --preset paper --compile both --steps 16 --warmup 8 \
+check step 270 $PY benchmarks/train_step.py --preset paper --compile both --steps 16 --warmup 8 \
     --accum 4 --decode-jpeg
