@@ -25,20 +25,17 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from stm.cli import OneLineParser, UsageError, add_config_flags, apply_flags, fail  # noqa: E402
+from stm.cli import add_config_flags, build_config, fail, parser_for  # noqa: E402
 from stm.config import TrainConfig, embedded_default  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = OneLineParser(prog="embedded_fit.py", description=__doc__.split("\n")[0])
+    parser = parser_for("embedded_fit.py", __doc__)
     parser.add_argument("--threads", type=int, default=2, help="torch threads (default 2)")
     add_config_flags(parser, TrainConfig)
     args = vars(parser.parse_args(argv))
     threads = args.pop("threads")
-    try:
-        cfg = apply_flags(embedded_default(), args)
-    except UsageError as err:
-        fail(parser.prog, str(err))
+    cfg = build_config(parser.prog, embedded_default(), args)
     if not cfg.data:
         fail(parser.prog, "--data: a prepared dataset (python jobs/train.py makes data/synthetic)")
 

@@ -208,9 +208,11 @@ def main() -> None:
 
     import ray
 
+    from stm.config import PreprocessConfig
     from stm.data.decode import decode_video
-    from stm.data.preprocess import PreprocessConfig, run_preprocess
-    from stm.data.sources import generate_synthetic, list_videos
+    from stm.data.preprocess import run_preprocess
+    from stm.data.sources import list_videos
+    from stm.data.synthetic import generate_synthetic
 
     work = a.dir or tempfile.mkdtemp(prefix="stm-flow-bench-")
     root = generate_synthetic(
@@ -237,7 +239,7 @@ def main() -> None:
         n, before_s, before_cpu = bare_run(name, gray, a.workers, a.device, torch_options(a))
         cfg = PreprocessConfig(
             source="ucf101", root=root, splits=root, out=os.path.join(work, f"out-{name}"),
-            flow=name, short_side=min(a.width, a.height), num_workers=a.workers,
+            flow=name, short_side=min(a.width, a.height), workers=a.workers,
             videos_per_shard=a.videos_per_shard, max_failures=0.0,
         )  # fmt: skip
         summary = run_preprocess(cfg)

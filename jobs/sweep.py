@@ -1,7 +1,7 @@
 """Ablation sweeps of the Spatiotemporal Multiplier Network on Ray Tune.
 
     python jobs/sweep.py --grid table2                   # embedded default: synthetic data, local
-    python jobs/sweep.py --grid table3 --data OUT --split 1 --workers-per-trial 8 \
+    python jobs/sweep.py --grid table3 --data OUT --split 1 --num-workers 8 \
         --gpus-per-worker 1 --max-concurrent 2 --asha
     python jobs/sweep.py --grid my_grid.yaml --data OUT  # any training or model flag
     python jobs/sweep.py --resume [--name SWEEP]         # a sweep whose driver died
@@ -14,129 +14,59 @@ With --data every training flag defaults to the paper's value; without it, to th
 
 from __future__ import annotations
 
-import argparse
 import logging
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from stm.cli import OneLineParser, UsageError, add_config_flags, apply_flags, fail  # noqa: E402
-from stm.config import TrainConfig, embedded_default  # noqa: E402
+from stm.cli import UsageError, add_config_flags, build_config, fail, parser_for  # noqa: E402
+from stm.config import SweepConfig, TrainConfig, embedded_default, field_names  # noqa: E402
 
-SWEEP_FLAGS = (
-    "grid",
-    "only",
-    "max_concurrent",
-    "trial_cpus",
-    "asha",
-    "asha_grace",
-    "name",
-    "model_name",
-    "retry_failed",
-)
+PROG = "sweep.py"
 
 
-def embedded_sweep_default() -> tuple[TrainConfig, dict]:
+def embedded_sweep_default() -> tuple[TrainConfig, SweepConfig]:
     """The sweep of ``python jobs/sweep.py --grid table2``: the embedded training run with one
     worker per trial, so that a trial (0.5 CPU driver + 0.5 CPU worker) leaves a core of a
     2-core machine to Ray Data."""
-    return embedded_default(num_workers=1, cpus_per_worker=0.5, epochs=4, lr_milestones=(3,)), {
-        "max_concurrent": 1,
-        "trial_cpus": 0.5,
-    }
+    train = embedded_default(num_workers=1, cpus_per_worker=0.5, epochs=4, lr_milestones=(3,))
+    return train, SweepConfig(max_concurrent=1, trial_cpus=0.5)
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = OneLineParser(prog="sweep.py", description=__doc__.split("\n")[0])
-    parser.add_argument(
-        "--grid", help="table2 | table3 | a YAML grid file (see stm/train/sweep.py load_grid)"
-    )
-    parser.add_argument(
-        "--only", nargs="+", default=argparse.SUPPRESS, help="run only these variants"
-    )
-    parser.add_argument(
-        "--workers-per-trial",
-        type=int,
-        dest="num_workers",
-        default=argparse.SUPPRESS,
-        help="Ray Train workers of each trial (same as --num-workers)",
-    )
-    parser.add_argument(
-        "--max-concurrent",
-        type=int,
-        default=argparse.SUPPRESS,
-        help="trials at a time (default: as many as the resources allow; 1 without --data)",
-    )
-    parser.add_argument(
-        "--trial-cpus",
-        type=float,
-        default=argparse.SUPPRESS,
-        help="CPUs of each trial's driver on top of its workers (default 1; 0.5 without --data)",
-    )
-    parser.add_argument(
-        "--asha",
-        action="store_true",
-        default=argparse.SUPPRESS,
-        help="stop poor trials early (ASHA on the fused test accuracy)",
-    )
-    parser.add_argument(
-        "--asha-grace",
-        type=int,
-        default=argparse.SUPPRESS,
-        help="epochs before ASHA may stop a trial (default 1)",
-    )
-    parser.add_argument(
-        "--name",
-        default=argparse.SUPPRESS,
-        help="the sweep's name (default sweep-GRID-TIME); with --resume: which",
-    )
-    parser.add_argument(
-        "--model-name",
-        default=argparse.SUPPRESS,
-        help="registry name of the best model (default stm; '' = none)",
-    )
+def parse(argv: list[str] | None = None) -> tuple[TrainConfig, SweepConfig, bool]:
+    """The trials' base config, the sweep's config and whether to resume."""
+    parser = parser_for(PROG, __doc__)
+    add_config_flags(parser, SweepConfig)
+    add_config_flags(parser, TrainConfig, skip=("name",))  # --name is the sweep's
     parser.add_argument(
         "--resume", action="store_true", help="continue the sweep --name (default: the latest)"
     )
-    parser.add_argument(
-        "--retry-failed",
-        action="store_true",
-        default=argparse.SUPPRESS,
-        help="with --resume: run failed trials again",
-    )
-    add_config_flags(parser, TrainConfig, skip=("name",))
     args = vars(parser.parse_args(argv))
     resume = args.pop("resume")
-    sweep_args = {k: args.pop(k) for k in SWEEP_FLAGS if k in args}
+    sweep_args = {k: args.pop(k) for k in field_names(SweepConfig) if k in args}
     if not resume and not sweep_args.get("grid"):
-        fail(parser.prog, "--grid is required (table2, table3 or a YAML file), or --resume")
+        fail(PROG, "--grid is required (table2, table3 or a YAML file), or --resume")
+    if "only" in sweep_args:  # --only a,b c
+        sweep_args["only"] = [n for item in sweep_args["only"] for n in item.split(",") if n]
+    train, sweep = (TrainConfig(), SweepConfig()) if args.get("data") else embedded_sweep_default()
+    return build_config(PROG, train, args), build_config(PROG, sweep, sweep_args), resume
 
-    from stm.train.sweep import SweepConfig, load_grid, run_sweep, trial_configs
 
-    try:
-        if args.get("data"):
-            preset, sweep_preset = TrainConfig(), {}
-        else:
-            preset, sweep_preset = embedded_sweep_default()
-        base = apply_flags(preset, args)
-        if "only" in sweep_args:
-            sweep_args["only"] = tuple(
-                n for item in sweep_args["only"] for n in item.split(",") if n
-            )
-        sweep = SweepConfig(**{**sweep_preset, **sweep_args})
-        if not resume:
+def main(argv: list[str] | None = None) -> int:
+    base, sweep, resume = parse(argv)
+    from stm.train.sweep import load_grid, run_sweep, trial_configs
+
+    if not resume:
+        try:
             trial_configs(base, load_grid(sweep.grid, sweep.only))  # every variant, up front
-    except UsageError as err:
-        fail(parser.prog, str(err))
-    except ValueError as err:
-        fail(parser.prog, str(err).splitlines()[0])
-
+        except UsageError as err:
+            fail(PROG, str(err))
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     try:
         summary = run_sweep(base, sweep, resume=resume)
     except UsageError as err:
-        fail(parser.prog, str(err))
+        fail(PROG, str(err))
     print()
     print(summary.report)
     counts = {}

@@ -4,7 +4,8 @@
     python jobs/train.py --data OUT --split 1 --stage fused --num-workers 8 --gpus-per-worker 1
     ray job submit --working-dir . -- python jobs/train.py --data s3://bucket/ucf101 ...
 
-With --data every flag defaults to the paper's value; without it, to the small embedded run.
+With --data every flag defaults to the paper's value (shown below); without it, to the small
+embedded run (stm.config.embedded_default).
 """
 
 from __future__ import annotations
@@ -15,31 +16,34 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from stm.cli import OneLineParser, UsageError, add_config_flags, apply_flags, fail  # noqa: E402
+from stm.cli import UsageError, add_config_flags, build_config, fail, parser_for  # noqa: E402
 from stm.config import TrainConfig, embedded_default  # noqa: E402
 
+PROG = "train.py"
 
-def main(argv: list[str] | None = None) -> int:
-    parser = OneLineParser(prog="train.py", description=__doc__.split("\n")[0])
+
+def parse(argv: list[str] | None = None) -> tuple[TrainConfig, bool]:
+    """The run's config from the command line, and whether to resume."""
+    parser = parser_for(PROG, __doc__)
     add_config_flags(parser, TrainConfig)
     parser.add_argument(
         "--resume", action="store_true", help="continue the run --name (default: the latest)"
     )
     args = vars(parser.parse_args(argv))
     resume = args.pop("resume")
-    try:
-        preset = TrainConfig() if args.get("data") else embedded_default()
-        cfg = apply_flags(preset, args)
-    except UsageError as err:
-        fail(parser.prog, str(err))
+    preset = TrainConfig() if args.get("data") else embedded_default()
+    return build_config(PROG, preset, args), resume
 
+
+def main(argv: list[str] | None = None) -> int:
+    cfg, resume = parse(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     from stm.train.run import run_training
 
     try:
         summary = run_training(cfg, resume=resume)
     except UsageError as err:
-        fail(parser.prog, str(err))
+        fail(PROG, str(err))
     m = summary.metrics
     accs = "  ".join(
         f"{name} {m[f'test_video_acc_{name}']:.1%}"

@@ -1,41 +1,28 @@
-"""Command lines generated from the config dataclasses: every field is a flag, and a wrong
-value is one line on stderr and exit status 2 (never a traceback)."""
+"""Command lines generated from the config dataclasses (only ``jobs/`` import this module).
+
+Every field is a flag whose help is the field's comment and its default; a wrong value is one
+line on stderr and exit status 2 (never a traceback).
+"""
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
 import sys
+import types
 import typing
-from typing import Any, NoReturn
+from typing import Any, Literal, NoReturn
 
-from stm import config as C
+from stm.config import UsageError, field_help, with_changes
 
-CHOICES: dict[str, tuple[str, ...]] = {
-    "appearance_arch": C.ARCHS,
-    "motion_arch": C.ARCHS,
-    "fusion": C.FUSIONS,
-    "direction": C.DIRECTIONS,
-    "temporal": C.TEMPORALS,
-    "temporal_init": C.TEMPORAL_INITS,
-    "time_pool": C.TIME_POOLS,
-    "stage": C.STAGES,
-    "test_mode": C.TEST_MODES,
-    "crop": C.CROPS,
-    "decode": C.DECODES,
-}
-
-
-class UsageError(ValueError):
-    """A wrong command line or config value: one line, exit 2."""
+__all__ = ["OneLineParser", "UsageError", "add_config_flags", "build_config", "fail", "parser_for"]
 
 
 class OneLineParser(argparse.ArgumentParser):
     """argparse, but a usage error is one line (the program name and the reason)."""
 
     def error(self, message: str) -> NoReturn:
-        sys.stderr.write(f"{self.prog}: error: {message}\n")
-        raise SystemExit(2)
+        fail(self.prog, message)
 
 
 def fail(prog: str, message: str) -> NoReturn:
@@ -43,45 +30,82 @@ def fail(prog: str, message: str) -> NoReturn:
     raise SystemExit(2)
 
 
+def _optional(hint: Any) -> Any:
+    """``X`` of ``X | None``, else ``hint``."""
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(hint) if a is not type(None)]
+        if len(args) == 1:
+            return args[0]
+    return hint
+
+
+def _show(value: Any) -> str:
+    if value is None:
+        return "unset"
+    if isinstance(value, tuple):
+        return " ".join(str(v) for v in value) or "none"
+    if value == "":
+        return '""'
+    return str(value)
+
+
 def add_config_flags(
-    parser: argparse.ArgumentParser, cls: type, skip: tuple[str, ...] = ()
+    parser: argparse.ArgumentParser,
+    cls: type,
+    *,
+    skip: tuple[str, ...] = (),
+    positional: tuple[str, ...] = (),
 ) -> None:
     """One ``--kebab-case`` flag per field of ``cls`` (nested dataclasses flattened), with
-    ``default=SUPPRESS`` so that only what the user typed overrides the preset."""
+    ``default=SUPPRESS`` so that only what the user typed overrides the preset; ``positional``
+    fields are positional arguments instead."""
     hints = typing.get_type_hints(cls)
+    helps = field_help(cls)
     for f in dataclasses.fields(cls):
         if f.name in skip:
             continue
         hint = hints[f.name]
         if dataclasses.is_dataclass(hint):
-            add_config_flags(parser, hint, skip)
+            add_config_flags(parser, hint, skip=skip)
             continue
-        flag = "--" + f.name.replace("_", "-")
-        kwargs: dict[str, Any] = {"default": argparse.SUPPRESS, "dest": f.name}
-        if f.name in CHOICES:
-            kwargs["choices"] = CHOICES[f.name]
-        if hint is bool or hint == (bool | None):  # None: the field's own "auto"
+        kwargs: dict[str, Any] = {"default": argparse.SUPPRESS}
+        base = _optional(hint)
+        if typing.get_origin(base) is Literal:
+            kwargs["choices"] = typing.get_args(base)
+        elif base is bool:
             kwargs["action"] = argparse.BooleanOptionalAction
-        elif typing.get_origin(hint) is tuple:
-            kwargs.update(nargs="*", type=typing.get_args(hint)[0])
+        elif typing.get_origin(base) is tuple:
+            kwargs.update(nargs="*", type=typing.get_args(base)[0])
         else:
-            kwargs["type"] = hint
-        parser.add_argument(flag, **kwargs)
+            kwargs["type"] = base
+        text = helps.get(f.name, "")
+        help_text = f"{text} (default: {_show(_field_default(f))})".lstrip()
+        kwargs["help"] = help_text.replace("%", "%%")  # argparse formats help with %
+        if f.name in positional:
+            kwargs.pop("default")
+            parser.add_argument(f.name, **kwargs)
+        else:
+            parser.add_argument("--" + f.name.replace("_", "-"), dest=f.name, **kwargs)
 
 
-def apply_flags(preset: Any, values: dict[str, Any]) -> Any:
-    """``preset`` with the typed flags applied (nested model fields included); config
-    validation errors become ``UsageError``."""
-    model_fields = {f.name for f in dataclasses.fields(C.ModelConfig)}
-    model_changes = {k: v for k, v in values.items() if k in model_fields}
-    changes = {
-        k: (tuple(v) if isinstance(v, list) else v)
-        for k, v in values.items()
-        if k not in model_fields
-    }
+def _field_default(f: dataclasses.Field) -> Any:
+    if f.default is not dataclasses.MISSING:
+        return f.default
+    if f.default_factory is not dataclasses.MISSING:  # type: ignore[misc]
+        return f.default_factory()  # type: ignore[misc]
+    return None
+
+
+def parser_for(prog: str, doc: str) -> OneLineParser:
+    """A one-line-error parser with the job's docstring as its description."""
+    return OneLineParser(
+        prog=prog, description=doc, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+
+
+def build_config(prog: str, preset: Any, values: dict[str, Any]) -> Any:
+    """``preset`` with the parsed flags applied, or one line and exit 2."""
     try:
-        if model_changes:
-            changes["model"] = dataclasses.replace(preset.model, **model_changes)
-        return dataclasses.replace(preset, **changes)
-    except (ValueError, TypeError) as err:
-        raise UsageError(str(err).splitlines()[0]) from None
+        return with_changes(preset, values)
+    except UsageError as err:
+        fail(prog, str(err).splitlines()[0])

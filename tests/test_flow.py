@@ -13,7 +13,8 @@ from stm.data import shards as S
 from stm.data.decode import decode_video
 from stm.data.flow import FLOW_ESTIMATORS, TVL1Flow, dequantize, make_estimator, quantize_flow
 from stm.data.preprocess import process_video
-from stm.data.sources import VideoItem, write_video
+from stm.data.sources import VideoItem
+from stm.data.synthetic import write_video
 
 H, W = 48, 64
 

@@ -113,7 +113,8 @@ def test_process_video_batches_all_pairs(tmp_path, estimator) -> None:
     from stm.data import shards as S
     from stm.data.flow import dequantize
     from stm.data.preprocess import process_video
-    from stm.data.sources import VideoItem, write_video
+    from stm.data.sources import VideoItem
+    from stm.data.synthetic import write_video
 
     big = texture(H, W + 20, seed=1)
     frames = np.stack(

@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from stm.config import embedded_default, to_dict
-from stm.data.sources import SYNTHETIC_CLASSES, generate_synthetic
+from stm.data.synthetic import SYNTHETIC_CLASSES, generate_synthetic
 
 ROOT = Path(__file__).resolve().parents[1]
 MODEL = "stm-predict-test"

@@ -20,9 +20,10 @@ import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 import pytest
 
+from stm.config import PreprocessConfig, UsageError
 from stm.data import shards as S
-from stm.data.preprocess import PreprocessConfig, UsageError, flow_actor_pool, run_preprocess
-from stm.data.sources import SYNTHETIC_CLASSES, generate_synthetic, write_video
+from stm.data.preprocess import flow_actor_pool, run_preprocess
+from stm.data.synthetic import SYNTHETIC_CLASSES, generate_synthetic, write_video
 
 REPO = Path(__file__).resolve().parents[1]
 JOB = [sys.executable, str(REPO / "jobs" / "preprocess.py")]

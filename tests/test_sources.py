@@ -10,13 +10,12 @@ import cv2
 import numpy as np
 import pytest
 
+from stm.config import UsageError
 from stm.data.decode import decode_video
-from stm.data.sources import (
+from stm.data.sources import folder_split_is_test, list_videos
+from stm.data.synthetic import (
     SYNTHETIC_CLASSES,
-    UsageError,
-    folder_split_is_test,
     generate_synthetic,
-    list_videos,
     render_synthetic,
     synthetic_scene,
 )

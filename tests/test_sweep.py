@@ -17,8 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from stm.cli import UsageError
-from stm.config import TrainConfig, embedded_default
+from stm.config import TrainConfig, UsageError, embedded_default
 from stm.train import sweep as S
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -166,7 +165,8 @@ def test_yaml_grid_product_and_base(tmp_path):
 @pytest.fixture(scope="module")
 def sweep_data(tmp_path_factory, ray_local) -> str:
     """30 synthetic videos (6 classes x 5: 24 train, 6 test), DIS flow, preprocessed once."""
-    from stm.data.preprocess import PreprocessConfig, run_preprocess
+    from stm.config import PreprocessConfig
+    from stm.data.preprocess import run_preprocess
 
     base = tmp_path_factory.mktemp("sweep-data")
     summary = run_preprocess(

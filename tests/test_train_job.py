@@ -62,7 +62,8 @@ SMOKE_FLAGS = [
 @pytest.fixture(scope="session")
 def synthetic(tmp_path_factory, ray_local) -> str:
     """30 synthetic videos (6 classes x 5: 24 train, 6 test), DIS flow, preprocessed once."""
-    from stm.data.preprocess import PreprocessConfig, run_preprocess
+    from stm.config import PreprocessConfig
+    from stm.data.preprocess import run_preprocess
 
     base = tmp_path_factory.mktemp("synthetic")
     out = base / "data"

@@ -37,60 +37,20 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
+from stm.config import PreprocessConfig, UsageError
 from stm.data import shards as S
 from stm.data.decode import DecodeError, VideoReader
-from stm.data.flow import FLOW_ESTIMATORS, make_estimator, quantize_flow
-from stm.data.sources import (
-    SOURCES,
-    SYNTHETIC_HEIGHT,
-    SYNTHETIC_NUM_FRAMES,
-    SYNTHETIC_NUM_VIDEOS,
-    SYNTHETIC_WIDTH,
-    Listing,
-    UsageError,
-    VideoItem,
-    generate_synthetic,
-    list_videos,
-)
+from stm.data.flow import make_estimator, quantize_flow
+from stm.data.sources import Listing, VideoItem, list_videos
+from stm.data.synthetic import generate_synthetic
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["PreprocessConfig", "PreprocessSummary", "UsageError", "process_video", "run_preprocess"]
+__all__ = ["PreprocessSummary", "flow_actor_pool", "process_video", "run_preprocess"]
 
-DEFAULT_SHORT_SIDE = 256  # the paper's frame size for flow and for the stored frames
 MAX_BLOCKS = 1000  # cap on Ray Data blocks (each block holds one or more groups)
 MAX_TASK_RETRIES = 3  # a killed actor is restarted and its group retried, 3 times at most
 LOST_REASON = "no result: the task of its group failed (see the Ray logs)"
-
-
-@dataclass(frozen=True)
-class PreprocessConfig:
-    """What ``run_preprocess`` does; ``jobs/preprocess.py`` builds it from the command line."""
-
-    source: str = "synthetic"  # ucf101 | hmdb51 | folder | synthetic
-    root: str | None = None  # the videos; synthetic: where to write them (default OUT/videos)
-    splits: str | None = None  # the split-file folder (ucf101, hmdb51); default: root
-    out: str = ""  # output folder or URI (s3://bucket/prefix); required
-    flow: str = "tvl1"  # a key of stm.data.flow.FLOW_ESTIMATORS
-    short_side: int | None = None  # resize so min(H, W) = this; None: 256, synthetic: native
-    max_frames: int | None = None  # keep at most the first N frames of a video; None: all
-    max_failures: float = 0.01  # the job fails (exit 1) when more videos than this fail
-    num_videos: int = SYNTHETIC_NUM_VIDEOS  # synthetic only
-    seed: int = 0  # synthetic only
-    synthetic_width: int = SYNTHETIC_WIDTH  # synthetic only
-    synthetic_height: int = SYNTHETIC_HEIGHT  # synthetic only
-    synthetic_frames: int = SYNTHETIC_NUM_FRAMES  # synthetic only
-    num_workers: int | None = None  # flow actors (1 CPU each); None: the CPUs now, growing
-    gpus_per_worker: float = 0.0  # GPUs per flow actor (tvl1-torch); >0: None workers = GPUs/this
-    videos_per_shard: int = 8  # videos per task and per shard file (also the resume granularity)
-    retry_failed: bool = False  # process videos that failed in an earlier run again
-    jpeg_quality: int = S.JPEG_QUALITY
-
-    def resolved_short_side(self) -> int | None:
-        """The short side actually used (None: frames keep their size)."""
-        if self.short_side is not None:
-            return self.short_side
-        return None if self.source == "synthetic" else DEFAULT_SHORT_SIDE
 
 
 @dataclass
@@ -339,24 +299,7 @@ def run_preprocess(cfg: PreprocessConfig) -> PreprocessSummary:
 
 
 def _validate(cfg: PreprocessConfig) -> None:
-    if not cfg.out:
-        raise UsageError("--out is required")
-    if cfg.source not in SOURCES:
-        raise UsageError(f"unknown source {cfg.source!r} (valid: {', '.join(SOURCES)})")
-    if cfg.flow not in FLOW_ESTIMATORS:
-        raise UsageError(f"unknown flow {cfg.flow!r} (valid: {', '.join(sorted(FLOW_ESTIMATORS))})")
-    if cfg.gpus_per_worker < 0:
-        raise UsageError(f"--gpus-per-worker must be >= 0, got {cfg.gpus_per_worker}")
-    if cfg.source != "synthetic" and not cfg.root:
-        raise UsageError(f"--root is required for --source {cfg.source}")
-    if cfg.short_side is not None and cfg.short_side < 8:
-        raise UsageError(f"--short-side must be at least 8, got {cfg.short_side}")
-    if cfg.max_frames is not None and cfg.max_frames < 2:
-        raise UsageError(f"--max-frames must be at least 2, got {cfg.max_frames}")
-    if not 0.0 <= cfg.max_failures <= 1.0:
-        raise UsageError(f"--max-failures is a fraction in [0, 1], got {cfg.max_failures}")
-    if cfg.videos_per_shard < 1 or (cfg.num_workers is not None and cfg.num_workers < 1):
-        raise UsageError("--videos-per-shard and --workers must be at least 1")
+    """What the config cannot check by itself: that ``--out`` names a reachable place."""
     try:
         S.resolve(cfg.out)
     except (OSError, ValueError) as e:
@@ -429,14 +372,14 @@ GROWING_IN_FLIGHT = 2  # groups in flight per actor of a growing pool (flow_acto
 
 
 def flow_actor_pool(
-    num_workers: int | None,
+    workers: int | None,
     gpus_per_worker: float,
     num_groups: int,
     resources: dict[str, float],
 ) -> tuple[Any, str]:
     """The flow actors' ``ActorPoolStrategy`` and a description of it for the log.
 
-    ``num_workers`` fixes the pool. Without it the pool starts with what the cluster has now
+    ``workers`` fixes the pool. Without it the pool starts with what the cluster has now
     (``resources``: its CPUs, or GPUs / ``gpus_per_worker``) and grows to one actor per group:
     on an autoscaling cluster (no workers at rest) the pending actors make the autoscaler add
     nodes; on a fixed cluster no more actors start than its resources allow.
@@ -449,24 +392,20 @@ def flow_actor_pool(
     """
     import ray
 
-    if num_workers:
-        workers = min(num_workers, num_groups)
-        return ray.data.ActorPoolStrategy(size=workers, max_tasks_in_flight_per_actor=1), (
-            f"{workers}"
-        )
-    if gpus_per_worker > 0:
-        now = int(resources.get("GPU", 0) / gpus_per_worker)
+    if workers:
+        size = min(workers, num_groups)
     else:
-        now = int(resources.get("CPU", 1))
-    workers = min(max(1, now), num_groups)
-    if workers == num_groups:  # nothing to grow into: a fixed pool, one group per actor
-        return ray.data.ActorPoolStrategy(size=workers, max_tasks_in_flight_per_actor=1), (
-            f"{workers}"
-        )
+        if gpus_per_worker > 0:
+            now = int(resources.get("GPU", 0) / gpus_per_worker)
+        else:
+            now = int(resources.get("CPU", 1))
+        size = min(max(1, now), num_groups)
+    if workers or size == num_groups:  # fixed, or nothing to grow into: one group per actor
+        return ray.data.ActorPoolStrategy(size=size, max_tasks_in_flight_per_actor=1), f"{size}"
     pool = ray.data.ActorPoolStrategy(
-        min_size=workers, max_size=num_groups, max_tasks_in_flight_per_actor=GROWING_IN_FLIGHT
+        min_size=size, max_size=num_groups, max_tasks_in_flight_per_actor=GROWING_IN_FLIGHT
     )
-    return pool, f"{workers} (up to {num_groups} as the cluster grows)"
+    return pool, f"{size} (up to {num_groups} as the cluster grows)"
 
 
 def _run_pipeline(
@@ -491,7 +430,7 @@ def _run_pipeline(
         for g in groups
     ]
     pool, how = flow_actor_pool(
-        cfg.num_workers, cfg.gpus_per_worker, len(groups), ray.cluster_resources()
+        cfg.workers, cfg.gpus_per_worker, len(groups), ray.cluster_resources()
     )
     logger.info(
         "%d groups of up to %d videos on %s flow actors", len(groups), cfg.videos_per_shard, how

@@ -20,8 +20,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from stm.cli import UsageError
-from stm.config import TrainConfig
+from stm.config import EvaluateConfig, PredictConfig, TrainConfig, UsageError
 from stm.model.two_stream import TwoStreamNet
 
 log = logging.getLogger(__name__)
@@ -257,3 +256,55 @@ def evaluate_split(
         seconds=time.perf_counter() - started,
         confusion=confusion,
     )
+
+
+def _loaded(mlflow_uri: str, model: str, run_id: str) -> LoadedModel:
+    from stm.train.registry import fetch_model
+    from stm.train.tracking import resolve_uri
+
+    folder, source = fetch_model(resolve_uri(mlflow_uri), model, run_id)
+    return load_model_dir(folder, source)
+
+
+def _device(name: str) -> torch.device | None:
+    return torch.device(name) if name else None
+
+
+def run_predict(cfg: PredictConfig) -> tuple[LoadedModel, Prediction]:
+    """``jobs/predict.py``: fetch the model, classify the video. Usage errors, an undecodable
+    video and a device that cannot be used are ``UsageError`` (one line)."""
+    from stm.data.decode import DecodeError
+
+    try:
+        loaded = _loaded(cfg.mlflow_uri, cfg.model, cfg.run_id)
+        pred = predict_video(
+            loaded,
+            cfg.video,
+            flow=cfg.flow,
+            short_side=cfg.short_side,
+            top_k=cfg.top_k,
+            test_frames=cfg.test_frames,
+            device=_device(cfg.device),
+        )
+    except DecodeError as err:
+        text = str(err)
+        raise UsageError(text if cfg.video in text else f"{cfg.video}: {text}") from None
+    except UsageError:
+        raise
+    except RuntimeError as err:  # e.g. a CUDA device on a machine without one
+        raise UsageError(str(err).splitlines()[0]) from None
+    return loaded, pred
+
+
+def run_evaluate(cfg: EvaluateConfig) -> tuple[LoadedModel, SplitEvaluation]:
+    """``jobs/evaluate.py``: fetch the model, run the test protocol on the split."""
+    try:
+        loaded = _loaded(cfg.mlflow_uri, cfg.model, cfg.run_id)
+        result = evaluate_split(
+            loaded, cfg.data, cfg.split, device=_device(cfg.device), limit=cfg.limit
+        )
+    except UsageError:
+        raise
+    except RuntimeError as err:
+        raise UsageError(str(err).splitlines()[0]) from None
+    return loaded, result

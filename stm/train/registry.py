@@ -30,7 +30,7 @@ from typing import Any
 
 import mlflow.pyfunc
 
-from stm.cli import UsageError
+from stm.config import UsageError
 
 log = logging.getLogger(__name__)
 

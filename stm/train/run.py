@@ -12,8 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from stm.cli import UsageError
-from stm.config import TrainConfig, to_dict
+from stm.config import TrainConfig, UsageError, to_dict
 from stm.data.shards import list_parquet, read_classes, resolve
 from stm.train import tracking
 from stm.train.ingest import build_datasets, data_config, split_sizes
@@ -39,7 +38,8 @@ class RunSummary:
 
 def prepare_synthetic(cfg: TrainConfig) -> TrainConfig:
     """Generate and preprocess the synthetic dataset when no data is given (kept for reruns)."""
-    from stm.data.preprocess import PreprocessConfig, run_preprocess
+    from stm.config import PreprocessConfig
+    from stm.data.preprocess import run_preprocess
 
     out = (Path.cwd() / SYNTHETIC_DIR / "synthetic").resolve()
     if not (out / "classes.json").is_file() or not list(out.glob("shards/*.parquet")):

@@ -31,13 +31,22 @@ import posixpath
 import re
 import tempfile
 import time
+import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from stm.cli import CHOICES, UsageError, apply_flags
-from stm.config import ModelConfig, TrainConfig, from_dict, to_dict
+from stm.config import (
+    ModelConfig,
+    SweepConfig,
+    TrainConfig,
+    UsageError,
+    flat_fields,
+    from_dict,
+    to_dict,
+    with_changes,
+)
 
 log = logging.getLogger(__name__)
 
@@ -120,14 +129,6 @@ class Grid:
     layout: str = ""
 
 
-def _flag_types() -> dict[str, Any]:
-    """Field name -> type hint of every flag a grid may set (TrainConfig and ModelConfig)."""
-    hints = dict(typing.get_type_hints(TrainConfig))
-    hints.pop("model")
-    hints.update(typing.get_type_hints(ModelConfig))
-    return hints
-
-
 def _coerce(where: str, key: str, value: Any, hint: Any) -> Any:
     """A YAML value as the flag's type, or a one-line ``UsageError`` like the CLI's."""
     flag = "--" + key.replace("_", "-")
@@ -135,6 +136,10 @@ def _coerce(where: str, key: str, value: Any, hint: Any) -> Any:
     def bad(expected: str) -> UsageError:
         return UsageError(f"{where}: {flag}: expected {expected}, got {value!r}")
 
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):  # X | None
+        if value is None:
+            return None
+        hint = next(a for a in typing.get_args(hint) if a is not type(None))
     if hint is bool:
         if not isinstance(value, bool):
             raise bad("true or false")
@@ -154,9 +159,10 @@ def _coerce(where: str, key: str, value: Any, hint: Any) -> Any:
     if isinstance(value, bool) or value is None or isinstance(value, list | dict):
         raise bad("a string")
     value = str(value)
-    if key in CHOICES and value not in CHOICES[key]:
+    choices = typing.get_args(hint) if typing.get_origin(hint) is typing.Literal else ()
+    if choices and value not in choices:
         raise UsageError(
-            f"{where}: {flag}: invalid choice {value!r} (choose from {', '.join(CHOICES[key])})"
+            f"{where}: {flag}: invalid choice {value!r} (choose from {', '.join(choices)})"
         )
     return value
 
@@ -167,15 +173,15 @@ def parse_changes(where: str, changes: Any) -> dict[str, Any]:
         return {}
     if not isinstance(changes, dict):
         raise UsageError(f"{where}: expected a mapping of flag: value, got {changes!r}")
-    types = _flag_types()
+    hints = flat_fields(TrainConfig)
     out: dict[str, Any] = {}
     for raw, value in changes.items():
         key = str(raw).lstrip("-").replace("-", "_")
-        if key not in types:
+        if key not in hints:
             raise UsageError(f"{where}: unknown flag --{key.replace('_', '-')}")
         if key in SWEEP_LEVEL:
             raise UsageError(f"{where}: --{key.replace('_', '-')} is set for the whole sweep")
-        out[key] = _coerce(where, key, value, types[key])
+        out[key] = _coerce(where, key, value, hints[key])
     return out
 
 
@@ -295,7 +301,7 @@ def trial_configs(base: TrainConfig, grid: Grid) -> dict[str, TrainConfig]:
     out = {}
     for v in grid.variants:
         try:
-            cfg = apply_flags(apply_flags(base, grid.base), v.changes)
+            cfg = with_changes(with_changes(base, grid.base), v.changes)
         except UsageError as err:
             raise UsageError(f"grid {grid.name}: variant {v.name}: {err}") from None
         out[v.name] = dataclasses.replace(cfg, name=v.name)
@@ -303,29 +309,6 @@ def trial_configs(base: TrainConfig, grid: Grid) -> dict[str, TrainConfig]:
 
 
 # --- the sweep ----------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class SweepConfig:
-    """How a grid is swept (the training flags live in the ``TrainConfig``)."""
-
-    grid: str = "table2"  # table2 | table3 | a YAML grid file
-    only: tuple[str, ...] = ()  # run only these variants of the grid
-    max_concurrent: int = 0  # trials at a time (0 = as many as the resources allow)
-    trial_cpus: float = 1.0  # CPUs of each trial's driver process, on top of its Train workers
-    asha: bool = False  # stop poor trials early (asynchronous successive halving on "score")
-    asha_grace: int = 1  # epochs every trial runs before ASHA may stop it
-    name: str = ""  # the sweep's name ("" = sweep-<grid>-<time>); reuse only with resume
-    model_name: str = "stm"  # the registry name of the best model ("" = do not register)
-    retry_failed: bool = False  # on resume, run the failed trials again
-
-    def __post_init__(self) -> None:
-        if self.max_concurrent < 0:
-            raise ValueError(f"invalid max_concurrent {self.max_concurrent}: need >= 0")
-        if self.trial_cpus < 0:
-            raise ValueError(f"invalid trial_cpus {self.trial_cpus}: need >= 0")
-        if self.asha_grace < 1:
-            raise ValueError(f"invalid asha_grace {self.asha_grace}: need at least 1")
-
-
 @dataclass
 class TrialRow:
     """One variant's outcome for the report."""
