@@ -42,8 +42,9 @@ def main(argv: list[str] | None = None) -> None:
     import pyarrow.dataset as pads
 
     from stm.data.clips import test_batch, train_batch
-    from stm.data.shards import in_split, resolve
+    from stm.data.shards import in_split
     from stm.model import build_model
+    from stm.storage import resolve
     from stm.train.steps import accuracy, evaluate, lr_factor, train_one_epoch
 
     fs, root = resolve(cfg.data)

@@ -489,7 +489,8 @@ def test_shard_files_old_and_new_compression_give_the_same_clips(tmp_path):
     before that (zstd everywhere) still read, with the same clips."""
     import pyarrow.parquet as pq
 
-    from stm.data.shards import resolve, write_table_atomic
+    from stm.data.shards import write_table_atomic
+    from stm.storage import resolve
 
     rows = [level_row(video_id="x/one", label=2), level_row(n=30, video_id="x/two", label=5)]
     table = pa.Table.from_pylist(rows)

@@ -17,7 +17,7 @@ import cv2
 import numpy as np
 import pyarrow.fs as pafs
 
-from stm.data.shards import resolve
+from stm.storage import resolve
 
 logger = logging.getLogger(__name__)
 

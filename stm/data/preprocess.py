@@ -37,6 +37,7 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
+from stm import storage
 from stm.config import PreprocessConfig, UsageError
 from stm.data import shards as S
 from stm.data.decode import DecodeError, VideoReader
@@ -176,7 +177,7 @@ class GroupWorker:
     ) -> None:
         cv2.setNumThreads(1)
         self.estimator = make_estimator(flow)
-        self.fs, self.root = S.resolve(out)
+        self.fs, self.root = storage.resolve(out)
         self.short_side, self.max_frames, self.jpeg_quality = short_side, max_frames, jpeg_quality
 
     def __call__(self, group: dict) -> list[dict]:
@@ -258,7 +259,7 @@ def run_preprocess(cfg: PreprocessConfig) -> PreprocessSummary:
     """
     start = time.perf_counter()
     _validate(cfg)
-    fs, root = S.resolve(cfg.out)
+    fs, root = storage.resolve(cfg.out)
     listing = _listing(cfg)
     _check_and_write_metadata(fs, root, cfg, listing)
 
@@ -291,9 +292,9 @@ def run_preprocess(cfg: PreprocessConfig) -> PreprocessSummary:
 
     summary = _summarise(fs, root, cfg, listing, skipped, len(todo) + len(missing), start)
     summary = dataclasses.replace(summary, **stats)
-    info = S.read_json(fs, posixpath.join(root, S.DATASET_FILE)) or {}
+    info = storage.read_json(fs, posixpath.join(root, S.DATASET_FILE)) or {}
     info["counts"] = {"videos": summary.total, "ok": summary.ok, "failed": summary.failed}
-    S.write_json_atomic(fs, posixpath.join(root, S.DATASET_FILE), info)
+    storage.write_json_atomic(fs, posixpath.join(root, S.DATASET_FILE), info)
     logger.info("%s", summary.line())
     return summary
 
@@ -301,7 +302,7 @@ def run_preprocess(cfg: PreprocessConfig) -> PreprocessSummary:
 def _validate(cfg: PreprocessConfig) -> None:
     """What the config cannot check by itself: that ``--out`` names a reachable place."""
     try:
-        S.resolve(cfg.out)
+        storage.resolve(cfg.out)
     except (OSError, ValueError) as e:
         raise UsageError(f"--out {cfg.out}: {' '.join(str(e).split())}") from e
 
@@ -309,7 +310,7 @@ def _validate(cfg: PreprocessConfig) -> None:
 def _listing(cfg: PreprocessConfig) -> Listing:
     if cfg.source != "synthetic":
         return list_videos(cfg.source, cfg.root, cfg.splits)
-    root = cfg.root or S.join(cfg.out, "videos")
+    root = cfg.root or storage.join(cfg.out, "videos")
     kwargs = {
         "num_videos": cfg.num_videos,
         "seed": cfg.seed,
@@ -317,7 +318,7 @@ def _listing(cfg: PreprocessConfig) -> Listing:
         "height": cfg.synthetic_height,
         "num_frames": cfg.synthetic_frames,
     }
-    fs, path = S.resolve(root)
+    fs, path = storage.resolve(root)
     if isinstance(fs, pafs.LocalFileSystem):
         generate_synthetic(path, **kwargs)
     else:  # generate locally, then upload: workers read the videos from shared storage
@@ -342,7 +343,7 @@ def _check_and_write_metadata(
         "jpeg_quality": cfg.jpeg_quality,
         "num_splits": listing.num_splits,
     }
-    old = S.read_json(fs, posixpath.join(root, S.DATASET_FILE))
+    old = storage.read_json(fs, posixpath.join(root, S.DATASET_FILE))
     if old is not None:
         diff = [k for k, v in settings.items() if old.get(k) != v]
         if diff:
@@ -350,18 +351,18 @@ def _check_and_write_metadata(
             raise UsageError(
                 f"{cfg.out} was prepared with {was}: use the same options or another --out"
             )
-    old_classes = S.read_json(fs, posixpath.join(root, S.CLASSES_FILE))
+    old_classes = storage.read_json(fs, posixpath.join(root, S.CLASSES_FILE))
     if old_classes is not None and list(old_classes) != list(listing.classes):
         raise UsageError(f"{cfg.out} holds another class list (classes.json): use another --out")
     fs.create_dir(posixpath.join(root, S.SHARDS_DIR), recursive=True)
     fs.create_dir(posixpath.join(root, S.MANIFEST_DIR), recursive=True)
-    S.write_json_atomic(fs, posixpath.join(root, S.CLASSES_FILE), list(listing.classes))
+    storage.write_json_atomic(fs, posixpath.join(root, S.CLASSES_FILE), list(listing.classes))
     info = dict(
         old or {}, **settings, classes=len(listing.classes), root=cfg.root, splits=cfg.splits
     )
     info.setdefault("counts", {})
     info["shard_columns"] = S.SHARD_SCHEMA.names
-    S.write_json_atomic(fs, posixpath.join(root, S.DATASET_FILE), info)
+    storage.write_json_atomic(fs, posixpath.join(root, S.DATASET_FILE), info)
 
 
 def _failed_row(video_id: str, reason: str) -> dict:
@@ -497,7 +498,7 @@ def _repair(fs: pafs.FileSystem, root: str) -> dict[str, str]:
         if fs.get_file_info(directory).type == pafs.FileType.NotFound:
             continue
         for info in fs.get_file_info(pafs.FileSelector(directory)):
-            if info.base_name.startswith(S.TMP_PREFIX):
+            if info.base_name.startswith(storage.TMP_PREFIX):
                 logger.info("deleting leftover %s", info.path)
                 fs.delete_file(info.path)
     shard_of: dict[str, str] = {}
@@ -615,8 +616,8 @@ def _summarise(
         seconds=time.perf_counter() - start,
         pipeline_seconds=0.0,
         out=cfg.out,
-        shards=S.join(cfg.out, S.SHARDS_DIR),
-        manifest=S.join(cfg.out, S.MANIFEST_DIR),
+        shards=storage.join(cfg.out, S.SHARDS_DIR),
+        manifest=storage.join(cfg.out, S.MANIFEST_DIR),
         failures=failures[:20],
         max_failures=cfg.max_failures,
     )

@@ -12,11 +12,8 @@ Everything is plain Parquet with JPEG bytes, readable by pyarrow, DuckDB or Spar
 
 from __future__ import annotations
 
-import json
 import logging
-import os
 import posixpath
-import uuid
 from collections.abc import Sequence
 
 import cv2
@@ -26,6 +23,9 @@ import pyarrow.compute as pc
 import pyarrow.dataset as pads
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
+
+from stm import storage
+from stm.storage import join, read_json, resolve
 
 logger = logging.getLogger(__name__)
 
@@ -57,7 +57,6 @@ SHARDS_DIR = "shards"  # OUT/shards/part-<hash>.parquet
 MANIFEST_DIR = "manifest"  # OUT/manifest/part-<hash>.parquet (same name as its shard file)
 CLASSES_FILE = "classes.json"  # ["ClassA", "ClassB", ...], index = label
 DATASET_FILE = "dataset.json"  # source, flow algorithm, short side, number of splits, counts
-TMP_PREFIX = ".tmp-"  # in-flight files: ".tmp-<uuid>-<name>.tmp", skipped by every reader
 UNREADABLE_DIR = "unreadable"  # OUT/unreadable/<dir>-<name>: files a rerun found unreadable
 JPEG_QUALITY = 90  # cv2.imencode quality for RGB frames and flow u/v images
 JPEG_COLUMNS = (RGB, FLOW_U, FLOW_V)  # written uncompressed (see write_table_atomic)
@@ -117,43 +116,6 @@ def decode_jpeg(data: bytes, gray: bool = False) -> np.ndarray:
     return image if gray else cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
 
 
-# --- storage: local paths or URIs (s3://, gs://, file://) through pyarrow filesystems ---------
-def resolve(uri: str) -> tuple[pafs.FileSystem, str]:
-    """The pyarrow filesystem and the path inside it for a local path or a URI."""
-    if "://" not in uri:
-        uri = os.path.abspath(uri)
-    return pafs.FileSystem.from_uri(uri)
-
-
-def join(uri: str, *parts: str) -> str:
-    """Join a local path or a URI with relative parts ('/'-separated for URIs)."""
-    if "://" in uri:
-        return posixpath.join(uri, *parts)
-    return os.path.join(uri, *parts)
-
-
-def is_object_store(fs: pafs.FileSystem) -> bool:
-    """Object stores publish an upload in one step; other filesystems need temp + rename."""
-    return fs.type_name in ("s3", "gcs", "abfs")
-
-
-def write_bytes_atomic(fs: pafs.FileSystem, path: str, data: bytes) -> None:
-    """Write ``data`` to ``path`` so that readers see either nothing/the old file or all of it."""
-    fs.create_dir(posixpath.dirname(path), recursive=True)
-    if is_object_store(fs):  # an object appears only once its upload completes
-        with fs.open_output_stream(path) as f:
-            f.write(data)
-        return
-    tmp = _tmp_path(path)
-    try:
-        with fs.open_output_stream(tmp) as f:
-            f.write(data)
-        fs.move(tmp, path)  # rename(2): atomic on POSIX, replaces an existing file
-    finally:
-        if fs.get_file_info(tmp).type != pafs.FileType.NotFound:
-            fs.delete_file(tmp)
-
-
 def write_table_atomic(fs: pafs.FileSystem, path: str, table: pa.Table) -> None:
     """Write a Parquet file atomically (see ``write_bytes_atomic``).
 
@@ -165,25 +127,7 @@ def write_table_atomic(fs: pafs.FileSystem, path: str, table: pa.Table) -> None:
     sink = pa.BufferOutputStream()
     compression = {name: "none" if name in JPEG_COLUMNS else "zstd" for name in table.schema.names}
     pq.write_table(table, sink, row_group_size=1, compression=compression)
-    write_bytes_atomic(fs, path, sink.getvalue().to_pybytes())
-
-
-def write_json_atomic(fs: pafs.FileSystem, path: str, obj: object) -> None:
-    """Write ``obj`` as indented JSON, atomically."""
-    write_bytes_atomic(fs, path, (json.dumps(obj, indent=2) + "\n").encode())
-
-
-def read_json(fs: pafs.FileSystem, path: str) -> object | None:
-    """Read a JSON file, or None when it does not exist."""
-    if fs.get_file_info(path).type == pafs.FileType.NotFound:
-        return None
-    with fs.open_input_stream(path) as f:
-        return json.loads(f.read().decode())
-
-
-def _tmp_path(path: str) -> str:
-    head, name = posixpath.split(path)
-    return posixpath.join(head, f"{TMP_PREFIX}{uuid.uuid4().hex}-{name}.tmp")
+    storage.write_bytes_atomic(fs, path, sink.getvalue().to_pybytes())
 
 
 def list_parquet(fs: pafs.FileSystem, directory: str) -> list[str]:

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import pyarrow.fs as pafs
 
 from stm.config import SOURCES, UsageError
-from stm.data.shards import join, resolve
+from stm.storage import join, resolve
 
 logger = logging.getLogger(__name__)
 

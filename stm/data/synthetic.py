@@ -24,7 +24,7 @@ from stm.config import (
     SYNTHETIC_WIDTH,
     UsageError,
 )
-from stm.data.shards import resolve
+from stm.storage import resolve
 
 logger = logging.getLogger(__name__)
 

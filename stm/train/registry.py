@@ -31,6 +31,7 @@ from typing import Any
 import mlflow.pyfunc
 
 from stm.config import UsageError
+from stm.train import tracking
 
 log = logging.getLogger(__name__)
 
@@ -47,12 +48,6 @@ REQUIREMENTS = (
     "pyarrow",
     "mlflow",
 )
-
-
-def _client(uri: str) -> Any:
-    from mlflow.tracking import MlflowClient
-
-    return MlflowClient(tracking_uri=uri)
 
 
 def _requirements() -> list[str]:
@@ -140,7 +135,7 @@ def register_checkpoint(
 
     import stm
 
-    client = _client(uri)
+    client = tracking.mlflow_client(uri)
     run = client.get_run(run_id)
     with tempfile.TemporaryDirectory(prefix="stm-model-") as tmp:
         folder = bundle(checkpoint, Path(tmp) / "bundle", data)
@@ -188,7 +183,7 @@ def model_version(uri: str, ref: str) -> Any:
     m = _VERSION.match(ref)
     if not m:
         raise UsageError(f"--model {ref}: expected models:/NAME/VERSION, /latest or @ALIAS")
-    client = _client(uri)
+    client = tracking.mlflow_client(uri)
     name = m["name"]
     try:
         if m["alias"]:
@@ -241,11 +236,11 @@ def fetch_model(
     dst = dst or tempfile.mkdtemp(prefix="stm-fetch-")
     try:
         if run_id:
-            names = {a.path for a in _client(uri).list_artifacts(run_id)}
+            names = {a.path for a in tracking.mlflow_client(uri).list_artifacts(run_id)}
             path = MODEL_ARTIFACT if MODEL_ARTIFACT in names else TRAINING_CHECKPOINT
             if path not in names:
                 raise UsageError(f"--run-id {run_id}: the run has no model or checkpoint")
-            local = _client(uri).download_artifacts(run_id, path, dst)
+            local = tracking.mlflow_client(uri).download_artifacts(run_id, path, dst)
             return _find_checkpoint(Path(local), f"--run-id {run_id}"), f"run {run_id}/{path}"
         if model.startswith("models:/"):
             mv = model_version(uri, model)

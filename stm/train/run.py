@@ -13,7 +13,8 @@ from pathlib import Path
 from typing import Any
 
 from stm.config import TrainConfig, UsageError, to_dict
-from stm.data.shards import list_parquet, read_classes, resolve
+from stm.data.shards import list_parquet, read_classes
+from stm.storage import absolute, read_text, resolve, write_text
 from stm.train import tracking
 from stm.train.ingest import build_datasets, data_config, split_sizes
 from stm.train.loop import SCORE, load_checkpoint, train_loop_per_worker
@@ -55,27 +56,9 @@ def prepare_synthetic(cfg: TrainConfig) -> TrainConfig:
     return dataclasses.replace(cfg, data=str(out))
 
 
-def _storage(cfg: TrainConfig) -> str:
-    if "://" in cfg.storage_path:
-        return cfg.storage_path.rstrip("/")
-    return str(Path(cfg.storage_path).resolve())
-
-
-def _read_text(uri: str) -> str | None:
-    fs, path = resolve(uri)
-    try:
-        with fs.open_input_stream(path) as f:
-            return f.read().decode().strip()
-    except (FileNotFoundError, OSError):
-        return None
-
-
-def _write_text(uri: str, text: str) -> None:
-    from stm.data.shards import write_bytes_atomic
-
-    fs, path = resolve(uri)
-    fs.create_dir(path.rsplit("/", 1)[0], recursive=True)
-    write_bytes_atomic(fs, path, text.encode())
+def _read_line(uri: str) -> str | None:
+    text = read_text(uri)
+    return text.strip() if text is not None else None
 
 
 def validate_data(cfg: TrainConfig) -> tuple[list[str], int, int]:
@@ -222,17 +205,17 @@ def run_training(
     _init_ray()
     warn_if_not_shared(cfg, uri)
 
-    storage = _storage(cfg)
+    storage = absolute(cfg.storage_path)
     if resume:
-        name = cfg.name or _read_text(f"{storage}/{LATEST_FILE}")
-        run_id = _read_text(f"{storage}/{name}/{tracking.RUN_ID_FILE}") if name else None
+        name = cfg.name or _read_line(f"{storage}/{LATEST_FILE}")
+        run_id = _read_line(f"{storage}/{name}/{tracking.RUN_ID_FILE}") if name else None
         if not name or not run_id:
             raise UsageError(f"--resume: no run {cfg.name or '(latest)'} under {storage}")
         cfg = dataclasses.replace(cfg, name=name)
         tracking.set_tags(uri, run_id, {"resumed": time.strftime("%Y-%m-%d %H:%M:%S")})
     else:
         name = cfg.name or f"{cfg.stage}-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}"
-        if _read_text(f"{storage}/{name}/{tracking.RUN_ID_FILE}"):
+        if _read_line(f"{storage}/{name}/{tracking.RUN_ID_FILE}"):
             raise UsageError(f"run {name} exists under {storage}: pass --resume to continue it")
         cfg = dataclasses.replace(cfg, name=name)
         run_tags = {
@@ -244,8 +227,8 @@ def run_training(
         run_id = tracking.start_run(
             uri, cfg.experiment, name, to_dict(cfg), run_tags, parent_run_id=parent_run_id
         )
-        _write_text(f"{storage}/{name}/{tracking.RUN_ID_FILE}", run_id)
-    _write_text(f"{storage}/{LATEST_FILE}", name)
+        write_text(f"{storage}/{name}/{tracking.RUN_ID_FILE}", run_id)
+    write_text(f"{storage}/{LATEST_FILE}", name)
     print(
         f"MLflow run {run_id} ({uri}); open it with: mlflow ui --backend-store-uri {uri}",
         flush=True,

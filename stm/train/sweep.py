@@ -27,7 +27,6 @@ import json
 import logging
 import math
 import os
-import posixpath
 import re
 import tempfile
 import time
@@ -47,6 +46,7 @@ from stm.config import (
     to_dict,
     with_changes,
 )
+from stm.storage import absolute, join, read_text, write_text
 
 log = logging.getLogger(__name__)
 
@@ -337,38 +337,6 @@ class SweepSummary:
     seconds: float
 
 
-def _client(uri: str) -> Any:
-    from mlflow.tracking import MlflowClient
-
-    return MlflowClient(tracking_uri=uri)
-
-
-def _storage(path: str) -> str:
-    return path.rstrip("/") if "://" in path else str(Path(path).resolve())
-
-
-def _read_text(uri: str) -> str | None:
-    from stm.data.shards import resolve
-
-    fs, path = resolve(uri)
-    try:
-        with fs.open_input_stream(path) as f:
-            return f.read().decode()
-    except (FileNotFoundError, OSError):
-        return None
-
-
-def _write_text(uri: str, text: str) -> None:
-    from stm.data.shards import resolve, write_bytes_atomic
-
-    fs, path = resolve(uri)
-    write_bytes_atomic(fs, path, text.encode())
-
-
-def _join(base: str, *parts: str) -> str:
-    return posixpath.join(base, *parts) if "://" in base else os.path.join(base, *parts)
-
-
 def prepare(base: TrainConfig) -> tuple[TrainConfig, list[str]]:
     """The base config made absolute for trials (they run in other directories): synthetic
     data prepared when none is given, the data checked, num_classes from the data."""
@@ -402,7 +370,7 @@ def run_sweep(base: TrainConfig, sweep: SweepConfig, *, resume: bool = False) ->
     from stm.train import tracking
 
     started = time.time()
-    storage = _storage(base.storage_path)
+    storage = absolute(base.storage_path)
     uri = tracking.resolve_uri(base.mlflow_uri)
     try:
         tracking.check_reachable(uri)
@@ -410,24 +378,24 @@ def run_sweep(base: TrainConfig, sweep: SweepConfig, *, resume: bool = False) ->
         raise UsageError(str(err)) from None
 
     if resume:
-        name = sweep.name or (_read_text(_join(storage, LATEST_SWEEP)) or "").strip()
-        state_text = _read_text(_join(storage, name, SWEEP_FILE)) if name else None
+        name = sweep.name or (read_text(join(storage, LATEST_SWEEP)) or "").strip()
+        state_text = read_text(join(storage, name, SWEEP_FILE)) if name else None
         if not state_text:
             raise UsageError(f"--resume: no sweep {sweep.name or '(latest)'} under {storage}")
         state = json.loads(state_text)
         sweep = dataclasses.replace(
             from_dict(SweepConfig, state["sweep"]), retry_failed=sweep.retry_failed
         )
-        sweep_dir = _join(storage, name)
+        sweep_dir = join(storage, name)
         log.info("resuming sweep %s (%s)", name, sweep_dir)
     else:
         grid = load_grid(sweep.grid, sweep.only)
         base, _ = prepare(base)
         name = sweep.name or f"sweep-{grid.name}-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}"
-        sweep_dir = _join(storage, name)
-        if _read_text(_join(sweep_dir, SWEEP_FILE)):
+        sweep_dir = join(storage, name)
+        if read_text(join(sweep_dir, SWEEP_FILE)):
             raise UsageError(f"sweep {name} exists under {storage}: pass --resume to continue it")
-        runs = _join(sweep_dir, RUNS_DIR)
+        runs = join(sweep_dir, RUNS_DIR)
         configs = trial_configs(dataclasses.replace(base, storage_path=runs, mlflow_uri=uri), grid)
         sweep = dataclasses.replace(sweep, name=name)
         parent = tracking.start_run(
@@ -451,9 +419,9 @@ def run_sweep(base: TrainConfig, sweep: SweepConfig, *, resume: bool = False) ->
             "tracking_uri": uri,
             "created": time.strftime("%Y-%m-%d %H:%M:%S"),
         }
-        _write_text(_join(sweep_dir, SWEEP_FILE), json.dumps(state, indent=1))
-        _client(uri).log_dict(parent, state["grid"], "grid.json")
-    _write_text(_join(storage, LATEST_SWEEP), name)
+        write_text(join(sweep_dir, SWEEP_FILE), json.dumps(state, indent=1))
+        tracking.mlflow_client(uri).log_dict(parent, state["grid"], "grid.json")
+    write_text(join(storage, LATEST_SWEEP), name)
     parent = state["parent_run_id"]
     uri = state["tracking_uri"]
     print(
@@ -469,10 +437,10 @@ def run_sweep(base: TrainConfig, sweep: SweepConfig, *, resume: bool = False) ->
 
     report_dir = tempfile.mkdtemp(prefix="stm-report-")
     report = write_report(state, rows, report_dir)
-    client = _client(uri)
+    client = tracking.mlflow_client(uri)
     client.log_artifacts(parent, report_dir)
     for f in sorted(os.listdir(report_dir)):
-        _copy_out(os.path.join(report_dir, f), _join(sweep_dir, REPORT_DIR, f))
+        _copy_out(os.path.join(report_dir, f), join(sweep_dir, REPORT_DIR, f))
 
     best = best_row(rows)
     registered = ""
@@ -505,7 +473,7 @@ def run_sweep(base: TrainConfig, sweep: SweepConfig, *, resume: bool = False) ->
 
 
 def _copy_out(local: str, dst: str) -> None:
-    from stm.data.shards import resolve, write_bytes_atomic
+    from stm.storage import resolve, write_bytes_atomic
 
     fs, path = resolve(dst)
     write_bytes_atomic(fs, path, Path(local).read_bytes())
@@ -523,7 +491,7 @@ def _fit(state: dict, sweep: SweepConfig, sweep_dir: str, resume: bool) -> Any:
     configs = state["configs"]
     gpus = max(c["gpus_per_worker"] for c in configs.values())
     trainable = tune.with_resources(sweep_trial, {"CPU": sweep.trial_cpus, "GPU": 0})
-    tune_path = _join(sweep_dir, TUNE_DIR)
+    tune_path = join(sweep_dir, TUNE_DIR)
     if resume and tune.Tuner.can_restore(tune_path):
         tuner = tune.Tuner.restore(
             tune_path,
@@ -577,10 +545,10 @@ def sweep_trial(config: dict[str, Any]) -> None:
     from stm.train.run import run_training
 
     variant = config["variant"]
-    state = json.loads(_read_text(_join(config["sweep_dir"], SWEEP_FILE)) or "{}")
+    state = json.loads(read_text(join(config["sweep_dir"], SWEEP_FILE)) or "{}")
     cfg = from_dict(TrainConfig, state["configs"][variant])
-    run_id_file = _join(cfg.storage_path, cfg.name, tracking.RUN_ID_FILE)
-    resume = bool(_read_text(run_id_file))
+    run_id_file = join(cfg.storage_path, cfg.name, tracking.RUN_ID_FILE)
+    resume = bool(read_text(run_id_file))
     tags = {
         "variant": variant,
         "model_variant": cfg.model.variant,
@@ -598,7 +566,7 @@ def sweep_trial(config: dict[str, Any]) -> None:
     except Exception as err:
         reason = one_line(err)
         uri = tracking.resolve_uri(cfg.mlflow_uri)
-        run_id = (_read_text(run_id_file) or "").strip()
+        run_id = (read_text(run_id_file) or "").strip()
         if not run_id:  # failed before its MLflow run existed: record it as a failed child
             run_id = tracking.start_run(
                 uri, cfg.experiment, variant, to_dict(cfg), tags, state["parent_run_id"]
@@ -625,7 +593,7 @@ def collect_rows(state: dict, results: Any, uri: str) -> list[TrialRow]:
     every epoch, also of a trial that was resumed)."""
     from stm.train import tracking
 
-    client = _client(uri)
+    client = tracking.mlflow_client(uri)
     outcome: dict[str, tuple[Any, dict]] = {}
     for result in results:
         variant = (result.config or {}).get("variant")
@@ -634,8 +602,8 @@ def collect_rows(state: dict, results: Any, uri: str) -> list[TrialRow]:
     rows = []
     for variant, cfg in state["configs"].items():
         row = TrialRow(variant=variant, status="not run")
-        run_file = _join(cfg["storage_path"], cfg["name"], tracking.RUN_ID_FILE)
-        row.run_id = (_read_text(run_file) or "").strip() or _failed_child(client, state, variant)
+        run_file = join(cfg["storage_path"], cfg["name"], tracking.RUN_ID_FILE)
+        row.run_id = (read_text(run_file) or "").strip() or _failed_child(client, state, variant)
         run = client.get_run(row.run_id) if row.run_id else None
         if run is not None:
             row.metrics = dict(run.data.metrics)
@@ -677,7 +645,7 @@ def close_dangling_runs(uri: str, rows: list[TrialRow]) -> None:
     """Child runs that Tune stopped (ASHA) were killed mid-run: mark them KILLED."""
     from stm.train import tracking
 
-    client = _client(uri)
+    client = tracking.mlflow_client(uri)
     for row in rows:
         stopped = row.run_id and row.status in ("stopped", "failed")
         if stopped and client.get_run(row.run_id).info.status == "RUNNING":

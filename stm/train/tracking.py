@@ -36,7 +36,8 @@ def resolve_uri(uri: str = "") -> str:
     return uri
 
 
-def _client(uri: str):
+def mlflow_client(uri: str) -> Any:
+    """An MLflow client of the tracking server or store ``uri``."""
     from mlflow.tracking import MlflowClient
 
     return MlflowClient(tracking_uri=uri)
@@ -57,7 +58,7 @@ def check_reachable(uri: str, timeout_s: float = 10.0) -> None:
     os.environ["MLFLOW_HTTP_REQUEST_MAX_RETRIES"] = "0"
     os.environ["MLFLOW_HTTP_REQUEST_TIMEOUT"] = str(int(timeout_s))
     try:
-        _client(uri).search_experiments(max_results=1)
+        mlflow_client(uri).search_experiments(max_results=1)
     except Exception as err:  # noqa: BLE001 - any failure means "not usable", said in one line
         reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise TrackingUnavailable(
@@ -74,7 +75,7 @@ def check_reachable(uri: str, timeout_s: float = 10.0) -> None:
 def experiment_id(uri: str, name: str) -> str:
     """The experiment's id, created on first use; a local SQLite store gets its artifacts in
     ``mlartifacts/`` beside the database (absolute, so workers find it)."""
-    client = _client(uri)
+    client = mlflow_client(uri)
     exp = client.get_experiment_by_name(name)
     if exp is not None:
         return exp.experiment_id
@@ -113,7 +114,7 @@ def start_run(
     """Create a run with every config value as a param; returns its id."""
     from mlflow.entities import Param, RunTag
 
-    client = _client(uri)
+    client = mlflow_client(uri)
     all_tags = dict(tags)
     if parent_run_id:
         all_tags["mlflow.parentRunId"] = parent_run_id
@@ -134,11 +135,11 @@ def log_metrics(uri: str, run_id: str, metrics: Mapping[str, float], step: int) 
         for k, v in metrics.items()
         if isinstance(v, int | float) and np.isfinite(v)
     ]
-    _client(uri).log_batch(run_id, metrics=items)
+    mlflow_client(uri).log_batch(run_id, metrics=items)
 
 
 def set_tags(uri: str, run_id: str, tags: Mapping[str, str]) -> None:
-    client = _client(uri)
+    client = mlflow_client(uri)
     for k, v in tags.items():
         client.set_tag(run_id, k, v)
 
@@ -184,7 +185,7 @@ def log_evaluation(
     """The confusion-matrix image of the fused (or only) score and the per-class accuracy table."""
     import matplotlib.pyplot as plt
 
-    client = _client(uri)
+    client = mlflow_client(uri)
     name = "fused" if "fused" in confusions else next(iter(confusions))
     fig = confusion_figure(confusions[name], class_names, f"confusion ({name})")
     client.log_figure(run_id, fig, "confusion_matrix.png")
@@ -198,13 +199,13 @@ def log_evaluation(
 
 
 def log_artifacts(uri: str, run_id: str, local_dir: str, artifact_path: str) -> None:
-    _client(uri).log_artifacts(run_id, local_dir, artifact_path)
+    mlflow_client(uri).log_artifacts(run_id, local_dir, artifact_path)
 
 
 def end_run(uri: str, run_id: str, status: str = "FINISHED") -> None:
-    _client(uri).set_terminated(run_id, status=status)
+    mlflow_client(uri).set_terminated(run_id, status=status)
 
 
 def download_checkpoint(uri: str, run_id: str, dst: str) -> str:
     """The best checkpoint file a training run logged (``best_checkpoint/checkpoint.pt``)."""
-    return _client(uri).download_artifacts(run_id, "best_checkpoint/checkpoint.pt", dst)
+    return mlflow_client(uri).download_artifacts(run_id, "best_checkpoint/checkpoint.pt", dst)
