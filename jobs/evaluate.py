@@ -14,19 +14,14 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from stm.cli import UsageError, add_config_flags, build_config, fail, parser_for  # noqa: E402
+from stm.cli import UsageError, fail, parse_config  # noqa: E402
 from stm.config import EvaluateConfig  # noqa: E402
 
 PROG = "evaluate.py"
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = parser_for(PROG, __doc__)
-    add_config_flags(parser, EvaluateConfig)
-    values = vars(parser.parse_args(argv))
-    if "data" not in values:
-        fail(PROG, "--data is required")
-    cfg = build_config(PROG, EvaluateConfig(data=values["data"]), values)
+    cfg = parse_config(PROG, __doc__, EvaluateConfig, argv, required=("data",))
     from stm.train.predict import run_evaluate
 
     try:

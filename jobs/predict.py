@@ -17,17 +17,14 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from stm.cli import UsageError, add_config_flags, build_config, fail, parser_for  # noqa: E402
+from stm.cli import UsageError, fail, parse_config  # noqa: E402
 from stm.config import PredictConfig  # noqa: E402
 
 PROG = "predict.py"
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = parser_for(PROG, __doc__)
-    add_config_flags(parser, PredictConfig, positional=("video",))
-    values = vars(parser.parse_args(argv))
-    cfg = build_config(PROG, PredictConfig(video=values["video"]), values)
+    cfg = parse_config(PROG, __doc__, PredictConfig, argv, positional=("video",))
     from stm.train.predict import run_predict
 
     try:

@@ -23,7 +23,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from stm.cli import UsageError, add_config_flags, build_config, fail, parser_for  # noqa: E402
+from stm.cli import UsageError, fail, parse_config  # noqa: E402
 from stm.config import PreprocessConfig  # noqa: E402
 
 PROG = "preprocess.py"
@@ -31,12 +31,7 @@ PROG = "preprocess.py"
 
 def parse_args(argv: list[str] | None = None) -> PreprocessConfig:
     """The config from the command line (one line and exit 2 when it is wrong)."""
-    parser = parser_for(PROG, __doc__)
-    add_config_flags(parser, PreprocessConfig)
-    values = vars(parser.parse_args(argv))
-    if "out" not in values:
-        fail(PROG, "--out is required")
-    return build_config(PROG, PreprocessConfig(out=values["out"]), values)
+    return parse_config(PROG, __doc__, PreprocessConfig, argv, required=("out",))
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -15,7 +15,15 @@ from typing import Any, Literal, NoReturn
 
 from stm.config import UsageError, field_help, with_changes
 
-__all__ = ["OneLineParser", "UsageError", "add_config_flags", "build_config", "fail", "parser_for"]
+__all__ = [
+    "OneLineParser",
+    "UsageError",
+    "add_config_flags",
+    "build_config",
+    "fail",
+    "parse_config",
+    "parser_for",
+]
 
 
 class OneLineParser(argparse.ArgumentParser):
@@ -109,3 +117,27 @@ def build_config(prog: str, preset: Any, values: dict[str, Any]) -> Any:
         return with_changes(preset, values)
     except UsageError as err:
         fail(prog, str(err).splitlines()[0])
+
+
+def parse_config(
+    prog: str,
+    doc: str,
+    cls: type,
+    argv: list[str] | None,
+    *,
+    required: tuple[str, ...] = (),
+    positional: tuple[str, ...] = (),
+) -> Any:
+    """A job's whole command line as one config of ``cls``: the ``required`` flags and the
+    ``positional`` arguments make the preset, every other flag changes it."""
+    parser = parser_for(prog, doc)
+    add_config_flags(parser, cls, positional=positional)
+    values = vars(parser.parse_args(argv))
+    for name in required:
+        if name not in values:
+            fail(prog, f"--{name.replace('_', '-')} is required")
+    try:
+        preset = cls(**{name: values[name] for name in (*required, *positional)})
+    except UsageError as err:
+        fail(prog, str(err).splitlines()[0])
+    return build_config(prog, preset, values)

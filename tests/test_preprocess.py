@@ -155,10 +155,10 @@ def test_shards_manifest_bad_inputs_and_rerun(ray_local, dataset: Path, tmp_path
 
 
 USAGE_ERRORS = [
-    (["--source", "kinetics", "--root", "."], "unknown source 'kinetics'"),
+    (["--source", "kinetics", "--root", "."], "invalid choice: 'kinetics'"),
     (["--source", "folder", "--root", "/no/such/dir"], "is not an existing directory"),
     (["--source", "ucf101", "--root", "."], "classInd.txt not found"),
-    (["--source", "synthetic", "--flow", "raft"], "unknown flow 'raft'"),
+    (["--source", "synthetic", "--flow", "raft"], "invalid choice: 'raft'"),
     (["--source", "synthetic", "--short-side"], "expected one argument"),
 ]
 
@@ -187,9 +187,9 @@ def test_usage_error_of_the_process(tmp_path: Path) -> None:
         capture_output=True, text=True, timeout=60, cwd=tmp_path,
     )  # fmt: skip
     assert run.returncode == 2
-    assert (
-        run.stderr.strip()
-        == f"preprocess: error: {message} (valid: ucf101, hmdb51, folder, synthetic)"
+    assert run.stderr.strip() == (
+        f"preprocess.py: error: argument --source: {message} "
+        "(choose from 'ucf101', 'hmdb51', 'folder', 'synthetic')"
     )
 
 
