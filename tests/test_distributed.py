@@ -3,26 +3,21 @@ same initial weights, different dropout masks, reductions on the training device
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from stm.config import ModelConfig, TrainConfig
+from stm.config import TrainConfig
 from stm.train import loop
 
+from tiny import TINY  # tests/tiny.py
+
 CFG = TrainConfig(
-    model=ModelConfig(
-        num_classes=4,
-        appearance_arch="resnet18",
-        motion_arch="resnet18",
-        flow_length=2,
-        motion_dropout=0.5,
-    ),
-    num_workers=2,
-    batch_size=8,
-    bn_batch=4,
+    model=dataclasses.replace(TINY, motion_dropout=0.5), num_workers=2, batch_size=8, bn_batch=4
 )
 
 

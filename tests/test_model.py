@@ -13,17 +13,9 @@ from stm.model import ModelConfig, build_model, fuse_scores, load_imagenet
 from stm.model.fusion import CrossStreamFusion, TemporalFilter
 from stm.model.imagenet import weight_file_names
 
-B, T, L, K, S = 2, 4, 2, 5, 64
-TINY = ModelConfig(
-    num_classes=K,
-    appearance_arch="resnet18",
-    motion_arch="resnet18",
-    flow_length=L,
-    fusion="none",
-    temporal="none",
-    time_pool="avg",
-    motion_dropout=0.0,
-)
+from tiny import TINY, K, L  # tests/tiny.py
+
+B, T, S = 2, 4, 64
 CONNECTIONS = ["direct_add", "direct_mul", "residual_add", "residual_mul"]
 
 

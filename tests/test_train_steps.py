@@ -9,21 +9,13 @@ import numpy as np
 import pytest
 import torch
 
-from stm.config import ModelConfig, TrainConfig, embedded_default
+from stm.config import TrainConfig, embedded_default
 from stm.model import build_model
 from stm.train.steps import evaluate, lr_factor, train_one_epoch, video_scores
 
-K, L = 4, 2
-CFG = ModelConfig(
-    num_classes=K,
-    appearance_arch="resnet18",
-    motion_arch="resnet18",
-    flow_length=L,
-    fusion="residual_mul",
-    temporal="residual_all",
-    time_pool="max",
-    motion_dropout=0.0,
-)
+from tiny import TINY, K, L  # tests/tiny.py
+
+CFG = dataclasses.replace(TINY, fusion="residual_mul", temporal="residual_all", time_pool="max")
 
 
 def batch(n: int, seed: int, t: int = 3, s: int = 32) -> dict[str, torch.Tensor]:
