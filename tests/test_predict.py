@@ -158,7 +158,7 @@ def test_predict_bad_video_is_one_line_and_exit_2(registered):
         (["--model", f"models:/{MODEL}/7"], f"--model models:/{MODEL}/7: "),
         (["--run-id", "0123456789abcdef"], "--run-id 0123456789abcdef: "),
         ([], "give one of --model or --run-id"),
-        (["--model", "x", "--top-k", "0"], "--top-k and --test-frames must be at least 1"),
+        (["--model", "x", "--top-k", "0"], "invalid --top-k 0: need between 1 and"),
     ],
 )
 def test_predict_usage_errors_are_one_line_and_exit_2(registered, capsys, args, message):

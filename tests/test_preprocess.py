@@ -246,7 +246,8 @@ def test_killed_driver_resumes_without_duplicates(ray_local, tmp_path: Path) -> 
 def test_growing_flow_actor_pool_starts_small_and_grows(ray_local) -> None:
     """The pool preprocessing builds without --workers on a cluster with one CPU at rest (an
     autoscaling cluster's head): it starts with one actor and grows while groups wait, up to
-    what the cluster holds (2 CPUs here)."""
+    what the cluster holds (2 CPUs here; the stand-ins take a quarter CPU each, so that the
+    pool's growth, not the test session's other work, decides how many run)."""
 
     class Slow:  # a flow actor's stand-in: a second per group, and which actor did it
         def __call__(self, row: dict) -> dict:
@@ -256,7 +257,7 @@ def test_growing_flow_actor_pool_starts_small_and_grows(ray_local) -> None:
     pool, how = flow_actor_pool(None, 0.0, 8, {"CPU": 1.0})
     assert how == "1 (up to 8 as the cluster grows)"
     ds = ray_local.data.from_items([{"group": i} for i in range(8)], override_num_blocks=8)
-    rows = ds.map(Slow, compute=pool, num_cpus=1).take_all()
+    rows = ds.map(Slow, compute=pool, num_cpus=0.25).take_all()
     assert len(rows) == 8
     assert len({r["pid"] for r in rows}) >= 2
     fixed, how = flow_actor_pool(3, 0.0, 8, {"CPU": 1.0})
