@@ -17,8 +17,8 @@ bare processes; steadier than wall time on a shared machine). It asserts nothing
 
 Batched estimators (``tvl1-torch``: TV-L1 in PyTorch, on CUDA when present) run their bare loop
 in this process, all pairs of a video in one ``compute`` call. ``--no-ray`` runs the bare loops
-only, on frames of a moving real photograph made here (no Ray, no PyAV, no video files: it runs
-on a machine with plain PyTorch and OpenCV):
+only, on frames of a moving real photograph (``bench_data.photo_clips``; no Ray, no PyAV, no
+video files: it runs on a machine with plain PyTorch and OpenCV):
 
     python benchmarks/flow_throughput.py --no-ray --algorithms tvl1-torch tvl1 \
         --width 340 --height 256 --videos 2 --frames 9 --workers 1
@@ -39,6 +39,7 @@ import time
 
 import cv2
 import numpy as np
+from bench_data import photo_clips, synthetic_videos
 
 from stm.data.flow import FLOW_ESTIMATORS, make_estimator
 
@@ -131,30 +132,8 @@ def work_line(est, warm: float) -> str:
     )
 
 
-def photo_videos(n: int, frames: int, width: int, height: int) -> list[np.ndarray]:
-    """``n`` grayscale clips of a real photograph (matplotlib's sample grace_hopper.jpg) panning
-    and rotating by sub-pixel steps, ``frames`` frames of width x height each."""
-    import matplotlib
-
-    path = os.path.join(matplotlib.get_data_path(), "sample_data", "grace_hopper.jpg")
-    img = cv2.imread(path, cv2.IMREAD_GRAYSCALE)
-    big = cv2.resize(img, (width + 80, height + 80), interpolation=cv2.INTER_AREA)
-    rng = np.random.default_rng(0)
-    out = []
-    for _ in range(n):
-        (dx, dy), ang = rng.uniform(-2.5, 2.5, size=2), rng.uniform(-1.0, 1.0)
-        clip = []
-        for t in range(frames):
-            m = cv2.getRotationMatrix2D(((width + 80) / 2, (height + 80) / 2), ang * t, 1.0)
-            m[:, 2] += (dx * t, dy * t)
-            moved = cv2.warpAffine(big, m, big.shape[::-1], flags=cv2.INTER_CUBIC)
-            clip.append(moved[40 : 40 + height, 40 : 40 + width])
-        out.append(np.ascontiguousarray(np.stack(clip)))
-    return out
-
-
 def main_no_ray(a) -> None:
-    gray = photo_videos(a.videos, a.frames, a.width, a.height)
+    gray = photo_clips(a.videos, a.frames, a.width, a.height)
     pairs = sum(len(g) - 1 for g in gray)
     print(
         f"{a.videos} clips x {a.frames} frames of {a.width}x{a.height} = {pairs} frame pairs, "
@@ -209,21 +188,12 @@ def main() -> None:
     import ray
 
     from stm.config import PreprocessConfig
-    from stm.data.decode import decode_video
     from stm.data.preprocess import run_preprocess
-    from stm.data.sources import list_videos
-    from stm.data.synthetic import generate_synthetic
 
     work = a.dir or tempfile.mkdtemp(prefix="stm-flow-bench-")
-    root = generate_synthetic(
-        os.path.join(work, "videos"), a.videos, seed=0, width=a.width, height=a.height,
-        num_frames=a.frames,
-    )  # fmt: skip
-    items = list_videos("synthetic", root).items
-    gray = [
-        np.stack([cv2.cvtColor(f, cv2.COLOR_RGB2GRAY) for f in decode_video(it.path).frames])
-        for it in items
-    ]
+    root, items, gray = synthetic_videos(
+        os.path.join(work, "videos"), a.videos, a.frames, a.width, a.height
+    )
     pairs = sum(len(g) - 1 for g in gray)
     print(
         f"{len(items)} videos x {a.frames} frames of {a.width}x{a.height} = {pairs} frame pairs, "

@@ -16,7 +16,6 @@ one fails.
 
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 import tempfile
@@ -105,13 +104,14 @@ def check_syncs(device, micro_batches: int = 6) -> tuple[bool, str]:
 
 
 def check_decode(device, rounds: int = 20) -> tuple[bool, str]:
-    sys.path.insert(0, str(Path(__file__).resolve().parent))
-    from train_step import jpeg_plans
+    from bench_data import planned_batches, shard_table
 
     from stm.data.device_clips import DeviceClipDecoder, wait_ready
 
-    args = argparse.Namespace(frame_size="340x256", chunks=5, flow_length=10, size=224, videos=4)
-    plans = jpeg_plans(args, 4)
+    plans = planned_batches(
+        shard_table(4, 40, 340, 256), range(4), batch_size=4, num_chunks=5, flow_length=10,
+        crop_size=224,
+    )  # fmt: skip
     cpu = DeviceClipDecoder(224, 10, "cpu")
     gpu = DeviceClipDecoder(224, 10, device)
     refs = [cpu(p) for p in plans]

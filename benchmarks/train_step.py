@@ -1,5 +1,6 @@
 """Training-step throughput and MFU of the fused two-stream network, plain PyTorch (no Ray unless
-``--ray``), plus a scaling estimate for 1, 8 and 64 GPUs.
+``--ray``); it ends with the command of the scaling estimate for 1, 8 and 64 GPUs at the measured
+rate (``benchmarks/scaling.py``).
 
 One *chunk* is an RGB frame and its 2L-channel flow stack. FLOPs per chunk are counted with
 ``torch.utils.flop_counter.FlopCounterMode`` on a forward+backward pass (on the meta device, so
@@ -19,7 +20,8 @@ Two loops are timed on the same synthetic uint8 micro-batches (already on the de
     python benchmarks/train_step.py --preset paper --compile both   # CUDA: R50+R152, 224, bf16
     python benchmarks/train_step.py --ray                           # + Ray Train overhead ratio
     python benchmarks/train_step.py --decode-jpeg                   # + JPEG decode in the loop
-    python benchmarks/train_step.py --scaling-only --chunks-per-s 2000 --ingest-per-core 60
+    python benchmarks/train_step.py --fusion residual_add --temporal none   # another variant
+    python benchmarks/train_step.py --preset paper --flops-only     # FLOPs per chunk only
 """
 
 from __future__ import annotations
@@ -37,7 +39,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from stm.config import ARCHS  # noqa: E402
+from stm.config import ARCHS, FUSIONS, TEMPORALS  # noqa: E402
 from stm.model import ModelConfig, build_model, to_channels_last  # noqa: E402
 from stm.train.steps import autocast, train_one_epoch  # noqa: E402
 
@@ -74,6 +76,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--videos", type=int, help="videos per micro-batch, the BN batch")
     p.add_argument("--chunks", type=int, help="chunks per video (T)")
     p.add_argument("--flow-length", type=int, default=10, help="L (2L flow channels)")
+    p.add_argument("--fusion", default="residual_mul", choices=FUSIONS, help="cross-stream gate")
+    p.add_argument("--temporal", default="residual_all", choices=TEMPORALS, help="temporal filters")
     p.add_argument("--accum", type=int, default=4, help="micro-batches per optimiser update")
     p.add_argument("--steps", type=int, default=8, help="timed micro-batches (rounded to --accum)")
     p.add_argument("--warmup", type=int, default=4, help="untimed micro-batches first")
@@ -106,29 +110,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--peak-tflops", type=float, help="device peak, overrides the name table")
     p.add_argument("--ray", action="store_true", help="also time a 1-worker Ray TorchTrainer")
     p.add_argument("--smoke-test", action="store_true", help="tiny sizes, a few seconds")
-    # scaling estimate
-    p.add_argument("--scaling-only", action="store_true", help="print the scaling table only")
-    p.add_argument("--chunks-per-s", type=float, help="per-GPU step rate for --scaling-only")
-    p.add_argument(
-        "--ingest-per-core",
-        type=float,
-        default=95.0,
-        help="ingest chunks/s per CPU core (benchmarks/ingest_throughput.py; 95 = issue's decode "
-        "estimate)",
-    )
-    p.add_argument("--cpus-per-gpu", type=int, default=16)
-    p.add_argument("--update-videos", type=int, default=128, help="videos per update (paper)")
-    p.add_argument(
-        "--busbw-intra", type=float, default=360.0, help="all-reduce bus GB/s inside a node"
-    )
-    p.add_argument(
-        "--busbw-inter",
-        type=float,
-        default=40.0,
-        help="all-reduce bus GB/s per GPU across nodes (8x400 Gb/s NICs per 8-GPU node ~ 50 GB/s "
-        "line rate per GPU)",
-    )
-    p.add_argument("--grad-bytes", type=int, default=4, help="bytes per gradient element (fp32)")
+    p.add_argument("--flops-only", action="store_true", help="count the FLOPs, time nothing")
     args = p.parse_args(argv)
     cuda = args.device.startswith("cuda")
     preset = args.preset or ("smoke" if args.smoke_test else "paper" if cuda else "small")
@@ -154,8 +136,8 @@ def model_config(args: argparse.Namespace, num_classes: int = 101) -> ModelConfi
         appearance_arch=args.appearance_arch,
         motion_arch=args.motion_arch,
         flow_length=args.flow_length,
-        fusion="residual_mul",
-        temporal="residual_all",
+        fusion=args.fusion,
+        temporal=args.temporal,
     )
 
 
@@ -204,54 +186,6 @@ def synthetic_batches(args, device, n: int, num_classes: int = 101) -> list[dict
     }
     one = {k: v.to(device) for k, v in base.items()}
     return [one] * n  # the same tensors: the step's cost does not depend on the values
-
-
-def jpeg_plans(args, n: int, num_classes: int = 101) -> list:
-    """``n`` planned micro-batches (``--decode device``'s Ray Data output) of ``args.videos``
-    videos whose frames are smooth random textures with noise at ``--frame-size``, JPEG q90
-    (flow planes of ~10 kB, like real TV-L1 shards)."""
-    import cv2
-    import numpy as np
-    import pyarrow as pa
-
-    from stm.data.device_clips import plan_train_batch
-    from stm.data.shards import encode_jpeg
-
-    w, h = (int(x) for x in args.frame_size.split("x"))
-    rng = np.random.default_rng(0)
-    frames = max(40, args.chunks * 8)
-
-    def image(channels: int) -> np.ndarray:
-        coarse = rng.uniform(0, 255, (8, 10, channels)).astype(np.float32)
-        img = cv2.resize(coarse, (w, h), interpolation=cv2.INTER_CUBIC).reshape(h, w, channels)
-        img = img + rng.normal(0, 4, img.shape)
-        return np.clip(img, 0, 255).astype(np.uint8).squeeze()
-
-    rows = [
-        {
-            "video_id": f"bench/v{v}",
-            "label": v % num_classes,
-            "num_frames": frames,
-            "height": h,
-            "width": w,
-            "rgb": [encode_jpeg(image(3)) for _ in range(frames)],
-            "flow_u": [encode_jpeg(image(1)) for _ in range(frames - 1)],
-            "flow_v": [encode_jpeg(image(1)) for _ in range(frames - 1)],
-        }
-        for v in range(args.videos)
-    ]
-    table = pa.Table.from_pylist(rows)
-    return [
-        plan_train_batch(
-            table,
-            epoch=i,
-            seed=0,
-            num_chunks=args.chunks,
-            flow_length=args.flow_length,
-            crop_size=args.size,
-        )
-        for i in range(n)
-    ]
 
 
 def _sync(device: torch.device) -> None:
@@ -322,10 +256,21 @@ def time_loops(args, device, compiled: bool, bf16: bool) -> dict[str, float]:
     out["plain"] = chunks / plain_loop(step_model, opt, batches, args, device, bf16)
     out["stm"] = chunks / stm_loop(step_model, opt, batches, args, device, bf16)
     if args.decode_jpeg:
+        from bench_data import planned_batches, shard_table
+
         from stm.data.device_clips import DeviceClipDecoder
 
         decoder = DeviceClipDecoder(args.size, args.flow_length, device)
-        plans = jpeg_plans(args, n)
+        w, h = (int(x) for x in args.frame_size.split("x"))
+        table = shard_table(args.videos, max(40, args.chunks * 8), w, h)
+        plans = planned_batches(
+            table,
+            range(n),
+            batch_size=args.videos,
+            num_chunks=args.chunks,
+            flow_length=args.flow_length,
+            crop_size=args.size,
+        )
         decoder(plans[0])  # warm-up (nvJPEG handles, kernels)
         seconds = stm_loop(step_model, opt, map(decoder, plans), args, device, bf16)
         out["stm+decode"] = chunks / seconds
@@ -410,55 +355,23 @@ def ray_overhead(args, device, bf16: bool) -> None:
     )
 
 
-def scaling_table(args, chunks_per_s: float, params: int) -> None:
-    """Expected throughput at 1, 8 and 64 GPUs from the step rate, the all-reduce of both
-    streams' gradients once per update and the ingest rate."""
-    grad_gb = params * args.grad_bytes / 1e9
-    ingest = args.ingest_per_core * args.cpus_per_gpu
-    chunks_per_video = args.chunks
-    print(
-        f"scaling: per-GPU step {chunks_per_s:.1f} chunks/s; gradients {params / 1e6:.1f} M "
-        f"params x {args.grad_bytes} B = {grad_gb:.3f} GB all-reduced once per update of "
-        f"{args.update_videos} videos x {chunks_per_video} chunks; ingest "
-        f"{args.ingest_per_core:.1f} chunks/s/core x {args.cpus_per_gpu} cores = {ingest:.0f} "
-        f"chunks/s per GPU; ring all-reduce time 2(N-1)/N x bytes / busbw "
-        f"({args.busbw_intra:g} GB/s in a node of 8, {args.busbw_inter:g} GB/s across nodes), "
-        f"not overlapped with compute (pessimistic)"
-    )
-    print(
-        "| GPUs | chunks/update/GPU | compute s/update | all-reduce s | step-bound chunks/s "
-        "| ingest-bound chunks/s | expected chunks/s | videos/s | efficiency |"
-    )
-    print("|---|---|---|---|---|---|---|---|---|")
-    base = None
-    for n in (1, 8, 64):
-        per_gpu = args.update_videos * chunks_per_video / n
-        compute = per_gpu / chunks_per_s
-        busbw = args.busbw_intra if n <= 8 else args.busbw_inter
-        comm = 0.0 if n == 1 else 2 * (n - 1) / n * grad_gb / busbw
-        step_bound = n * per_gpu / (compute + comm)
-        ingest_bound = n * ingest
-        expected = min(step_bound, ingest_bound)
-        base = base or expected
-        print(
-            f"| {n} | {per_gpu:.0f} | {compute:.3f} | {comm:.4f} | {step_bound:.0f} | "
-            f"{ingest_bound:.0f} | {expected:.0f} | {expected / chunks_per_video:.0f} | "
-            f"{expected / (n * base):.2f} |"
-        )
-
-
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     device = torch.device(args.device)
     cuda = device.type == "cuda"
     bf16 = args.bf16
     cfg = model_config(args)
+    variant = (
+        f" fusion={args.fusion} temporal={args.temporal}"
+        if (args.fusion, args.temporal) != ("residual_mul", "residual_all")
+        else ""
+    )
     print(
         f"train_step: {datetime.date.today()} host={platform.node()} torch={torch.__version__} "
         f"device={torch.cuda.get_device_name(device) if cuda else platform.processor() or 'cpu'} "
         f"cpus={os.cpu_count()} threads={torch.get_num_threads()} "
         f"load={os.getloadavg()[0]:.1f} preset={args.preset} "
-        f"{args.appearance_arch}+{args.motion_arch} size={args.size} L={args.flow_length} "
+        f"{args.appearance_arch}+{args.motion_arch}{variant} size={args.size} L={args.flow_length} "
         f"micro-batch={args.videos} videos x {args.chunks} chunks accum={args.accum} "
         f"bf16={bf16} channels_last={args.channels_last} ray_imported={'ray' in sys.modules}"
     )
@@ -468,10 +381,7 @@ def main(argv: list[str] | None = None) -> None:
         f"at {args.size}x{args.size}; parameters {params / 1e6:.1f} M; issue's estimate for "
         f"R50+R152 at 224: {ISSUE_GFLOP_PER_CHUNK} GFLOP"
     )
-    if args.scaling_only:
-        if not args.chunks_per_s:
-            raise SystemExit("--scaling-only needs --chunks-per-s")
-        scaling_table(args, args.chunks_per_s, params)
+    if args.flops_only:
         return
     peak, peak_src = peak_tflops(args, device)
     modes = {"off": [False], "on": [True], "both": [False, True]}[args.compile]
@@ -500,7 +410,10 @@ def main(argv: list[str] | None = None) -> None:
             )
     if args.ray:
         ray_overhead(args, device, bf16)
-    scaling_table(args, best, params)
+    print(
+        f"scaling: python benchmarks/scaling.py --chunks-per-s {best:.1f} --params {params} "
+        f"--chunks {args.chunks}  # + --ingest-per-core from benchmarks/ingest_throughput.py"
+    )
 
 
 if __name__ == "__main__":

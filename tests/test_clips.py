@@ -326,17 +326,17 @@ def _noise_row(n: int = 12) -> dict:
     ],
 )
 def test_chunk_flow_stack_matches_per_plane_reference(box, out, flip):
-    """_chunk resizes the flow planes into one preallocated stack, then mirrors the whole stack
+    """chunk resizes the flow planes into one preallocated stack, then mirrors the whole stack
     and inverts u in place: it must give the straightforward per-plane result (crop,
     INTER_LINEAR resize, mirror, u -> 255 - u on a flip), into a given array or a new one."""
     row = _noise_row()
-    frames = C._FrameCache(row)
+    frames = C.FrameCache(row)
     idx = C.flow_stack_indices(6, row[NUM_FRAMES] - 1)  # clamped at the end: 1 .. 10
     out_h, out_w = out
-    rgb, flow = C._chunk(frames, 6, idx, box, out_h, out_w, flip)
+    rgb, flow = C.chunk(frames, 6, idx, box, out_h, out_w, flip)
     assert rgb.shape == (3, out_h, out_w) and flow.shape == (2 * L, out_h, out_w)
     into = np.zeros((2, 2 * L, out_h, out_w), np.uint8)
-    C._chunk(frames, 6, idx, box, out_h, out_w, flip, into[1])
+    C.chunk(frames, 6, idx, box, out_h, out_w, flip, into[1])
     np.testing.assert_array_equal(into[1], flow)
     assert not into[0].any()
 
@@ -468,7 +468,7 @@ def test_arrow_batches_read_only_needed_jpegs_and_match_numpy_batches():
     columns are not converted to Python bytes wholesale (only the needed elements are read)."""
     rows = [level_row(video_id="x/one", label=2), level_row(n=30, video_id="x/two", label=5)]
     table = pa.Table.from_pylist(rows)
-    arrow_rows = C._batch_rows(table)
+    arrow_rows = C.batch_rows(table)
     assert [r[VIDEO_ID] for r in arrow_rows] == ["x/one", "x/two"]
     assert [r[NUM_FRAMES] for r in arrow_rows] == [N, 30]
     assert not isinstance(arrow_rows[0][RGB], list) and len(arrow_rows[1][FLOW_U]) == 29

@@ -222,7 +222,7 @@ def ten_crop_boxes(h: int, w: int, crop_size: int) -> list[CropBox]:
 # --- decoding and per-image transforms --------------------------------------------------------
 
 
-class _FrameCache:
+class FrameCache:
     """Decodes the JPEGs of one video lazily, each at most once (chunks' flow stacks overlap)."""
 
     def __init__(self, row: Mapping[str, Any]):
@@ -247,7 +247,7 @@ class _FrameCache:
         return img
 
 
-def _crop_resize(img: np.ndarray, box: CropBox, out_h: int, out_w: int, flip: bool) -> np.ndarray:
+def crop_resize(img: np.ndarray, box: CropBox, out_h: int, out_w: int, flip: bool) -> np.ndarray:
     """Crop ``box`` from an (H, W[, C]) image, resize it to (out_h, out_w), mirror it if flip."""
     out = img[box.y : box.y + box.h, box.x : box.x + box.w]
     if out.shape[0] != out_h or out.shape[1] != out_w:
@@ -257,8 +257,8 @@ def _crop_resize(img: np.ndarray, box: CropBox, out_h: int, out_w: int, flip: bo
     return out
 
 
-def _chunk(
-    frames: _FrameCache,
+def chunk(
+    frames: FrameCache,
     t: int,
     flow_idx: np.ndarray,
     box: CropBox,
@@ -278,7 +278,7 @@ def _chunk(
     One ``cv2.resize`` of an (h, w, 2L) array gives the same values but was measured slower
     (docs/performance.md): the 2L-channel resize alone takes longer than 2L one-plane resizes.
     """
-    rgb = _crop_resize(frames.get(RGB, t), box, out_h, out_w, flip).transpose(2, 0, 1)  # (3,H',W')
+    rgb = crop_resize(frames.get(RGB, t), box, out_h, out_w, flip).transpose(2, 0, 1)  # (3,H',W')
     if flow_out is None:
         flow_out = np.empty((2 * len(flow_idx), out_h, out_w), dtype=np.uint8)  # (2L, H', W')
     elif not flow_out.flags.c_contiguous:  # the in-place flip below needs a reshape view
@@ -302,7 +302,7 @@ def _chunk(
     return rgb, flow_out
 
 
-def _frame_shape(frames: _FrameCache, t: int) -> tuple[int, int]:
+def _frame_shape(frames: FrameCache, t: int) -> tuple[int, int]:
     """(H, W) of the video, read from RGB frame t that the clip decodes anyway."""
     h, w = frames.get(RGB, t).shape[:2]
     return int(h), int(w)
@@ -374,7 +374,7 @@ def train_clip(
         "box": the CropBox in frame pixels, "flip": bool}.
     """
     n = int(row[NUM_FRAMES])
-    frames = _FrameCache(row)
+    frames = FrameCache(row)
     times, box, flip = sample_train_plan(
         n,
         lambda t: _frame_shape(frames, t),
@@ -389,7 +389,7 @@ def train_clip(
     flow = np.empty((num_chunks, 2 * flow_length, crop_size, crop_size), dtype=np.uint8)
     for i, t in enumerate(times):
         idx = flow_stack_indices(int(t), n - 1, flow_length)  # (L,)
-        rgb[i] = _chunk(frames, int(t), idx, box, crop_size, crop_size, flip, flow[i])[0]
+        rgb[i] = chunk(frames, int(t), idx, box, crop_size, crop_size, flip, flow[i])[0]
     return {
         "rgb": rgb,
         "flow": flow,
@@ -422,7 +422,7 @@ def test_clip(
     if mode not in TEST_MODES:
         raise ValueError(f"mode must be one of {list(TEST_MODES)}, got {mode!r}")
     n = int(row[NUM_FRAMES])
-    frames = _FrameCache(row)
+    frames = FrameCache(row)
     times = test_chunk_times(n, num_frames)  # (T,)
     h, w = _frame_shape(frames, int(times[0]))
     if mode == "full":
@@ -435,7 +435,7 @@ def test_clip(
     for i, t in enumerate(times):
         idx = flow_stack_indices(int(t), n - 1, flow_length)  # (L,)
         for v, (box, flip) in enumerate(views):
-            rgb[v, i] = _chunk(frames, int(t), idx, box, out_h, out_w, flip, flow[v, i])[0]
+            rgb[v, i] = chunk(frames, int(t), idx, box, out_h, out_w, flip, flow[v, i])[0]
     return {"rgb": rgb, "flow": flow, "label": int(row[LABEL]), "times": times}
 
 
@@ -505,7 +505,7 @@ class _ArrowList(Sequence):
 _ROW_COLUMNS = (VIDEO_ID, LABEL, NUM_FRAMES, HEIGHT, WIDTH, *JPEG_COLUMNS)  # those present
 
 
-def _batch_rows(batch: Any) -> list[dict[str, Any]]:
+def batch_rows(batch: Any) -> list[dict[str, Any]]:
     """Rows of a map_batches batch: a dict of column arrays ("numpy" format) or a pyarrow
     Table / RecordBatch. Arrow JPEG columns stay in Arrow memory (see :class:`_ArrowList`)."""
     if hasattr(batch, "to_pydict"):  # pyarrow.Table / RecordBatch
@@ -536,11 +536,11 @@ def video_seed(seed: int, epoch: int, video_id: str) -> np.random.SeedSequence:
 def rows_with_rngs(
     batch: Any, *, seed: int | None, epoch: int
 ) -> Iterator[tuple[dict[str, Any], np.random.Generator]]:
-    """The rows of a batch (see :func:`_batch_rows`), each with its augmentation generator:
+    """The rows of a batch (see :func:`batch_rows`), each with its augmentation generator:
     ``video_seed(seed, epoch, video_id)``, or with ``seed=None`` one generator of fresh OS
     entropy shared by the batch."""
     fresh = np.random.default_rng() if seed is None else None
-    for row in _batch_rows(batch):
+    for row in batch_rows(batch):
         if fresh is not None:
             yield row, fresh
         else:
@@ -589,7 +589,7 @@ def train_batch(
                 rng=rng,
             )
         )
-    return _stack(clips, num_chunks, flow_length, (crop_size, crop_size))
+    return stack_clips(clips, num_chunks, flow_length, (crop_size, crop_size))
 
 
 def test_batch(
@@ -613,7 +613,7 @@ def test_batch(
         test_clip(
             row, num_frames=num_frames, flow_length=flow_length, mode=mode, crop_size=crop_size
         )
-        for row in _batch_rows(batch)
+        for row in batch_rows(batch)
     ]
     shapes = {c["rgb"].shape for c in clips}
     if len(shapes) > 1:
@@ -622,10 +622,10 @@ def test_batch(
             "use batch_size=1 or mode='10crop'"
         )
     size = clips[0]["rgb"].shape[-2:] if clips else (crop_size, crop_size)
-    return _stack(clips, num_frames, flow_length, size, views=2 if mode == "full" else 10)
+    return stack_clips(clips, num_frames, flow_length, size, views=2 if mode == "full" else 10)
 
 
-def _stack(
+def stack_clips(
     clips: Sequence[dict[str, Any]],
     num_chunks: int,
     flow_length: int,

@@ -33,8 +33,8 @@ from stm.data.clips import (
     DEFAULT_FLOW_LENGTH,
     DEFAULT_NUM_CHUNKS,
     DEFAULT_STRIDE_RANGE,
+    FrameCache,
     _frame_shape,
-    _FrameCache,
     flow_stack_indices,
     rows_with_rngs,
     sample_train_plan,
@@ -91,7 +91,7 @@ def plan_train_batch(
         size = (int(row[HEIGHT]), int(row[WIDTH])) if HEIGHT in row and WIDTH in row else None
         times, box, flip = sample_train_plan(
             n,
-            functools.partial(_frame_size, size, _FrameCache(row)),
+            functools.partial(_frame_size, size, FrameCache(row)),
             num_chunks=num_chunks,
             crop_size=crop_size,
             stride_range=stride_range,
@@ -110,7 +110,7 @@ def plan_train_batch(
     return pa.Table.from_pydict(cols, schema=PLAN_SCHEMA)
 
 
-def _frame_size(size: tuple[int, int] | None, frames: _FrameCache, t: int) -> tuple[int, int]:
+def _frame_size(size: tuple[int, int] | None, frames: FrameCache, t: int) -> tuple[int, int]:
     return size or _frame_shape(frames, t)
 
 
