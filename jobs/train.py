@@ -4,8 +4,10 @@
     python jobs/train.py --data OUT --split 1 --stage fused --num-workers 8 --gpus-per-worker 1
     ray job submit --working-dir . -- python jobs/train.py --data s3://bucket/ucf101 ...
 
-With --data every flag defaults to the paper's value (shown below); without it, to the small
-embedded run (stm.config.embedded_default).
+With --data every flag defaults to the paper's value for the --stage (shown below: the fused
+stage's; --stage appearance or motion selects that stream's recipe, stm.config.PAPER_RECIPES);
+without it, to the small embedded run (stm.config.embedded_default). A flag given explicitly
+overrides the recipe.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from stm.cli import UsageError, add_config_flags, build_config, fail, parser_for  # noqa: E402
-from stm.config import TrainConfig, embedded_default  # noqa: E402
+from stm.config import TrainConfig, embedded_default, stage_recipe  # noqa: E402
 
 PROG = "train.py"
 
@@ -31,8 +33,10 @@ def parse(argv: list[str] | None = None) -> tuple[TrainConfig, bool]:
     )
     args = vars(parser.parse_args(argv))
     resume = args.pop("resume")
-    preset = TrainConfig() if args.get("data") else embedded_default()
-    return build_config(PROG, preset, args), resume
+    real = bool(args.get("data"))
+    preset = TrainConfig() if real else embedded_default()
+    recipe = stage_recipe(args.get("stage", preset.stage), real, args.get("num_workers", 1))
+    return build_config(PROG, preset, {**recipe, **args}), resume
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -35,6 +35,9 @@ Stage = Literal["fused", "appearance", "motion"]
 TestMode = Literal["full", "10crop"]
 Crop = Literal["auto", "jitter", "multiscale"]
 Decode = Literal["cpu", "device"]
+Init = Literal["auto", "streams", "imagenet", "scratch"]
+TestPool = Literal["window", "global"]
+ScoreFusion = Literal["logits", "softmax"]
 Source = Literal["ucf101", "hmdb51", "folder", "synthetic"]
 Flow = Literal["tvl1", "tvl1-torch", "dis", "farneback"]  # stm.data.flow.FLOW_ESTIMATORS
 
@@ -48,6 +51,9 @@ STAGES = typing.get_args(Stage)
 TEST_MODES = typing.get_args(TestMode)
 CROPS = typing.get_args(Crop)
 DECODES = typing.get_args(Decode)
+INITS = typing.get_args(Init)
+TEST_POOLS = typing.get_args(TestPool)
+SCORE_FUSIONS = typing.get_args(ScoreFusion)
 SOURCES = typing.get_args(Source)
 FLOWS = typing.get_args(Flow)
 
@@ -57,7 +63,8 @@ SYNTHETIC_WIDTH = 96
 SYNTHETIC_HEIGHT = 72
 SYNTHETIC_NUM_FRAMES = 32
 DEFAULT_SHORT_SIDE = 256  # the paper's frame size for flow and for the stored frames
-JPEG_QUALITY = 90  # RGB frames and flow u/v images (cv2.imencode quality)
+JPEG_QUALITY = 95  # RGB frames and flow u/v images of new datasets (the original's flow: 95)
+JPEG_QUALITY_BEFORE = 90  # what datasets written before it recorded its quality used
 
 MAX_FRAME_SIDE = 4096  # frame, crop and synthetic sizes above this do not fit a GPU batch
 MAX_CHUNKS = 11  # chunks per training video: "5 inputs from a video", up to 11 (Sect. 4.1)
@@ -162,6 +169,12 @@ class TrainConfig:
     crop: Crop = "auto"  # auto = multiscale corner crops for motion, +-25% jitter otherwise
     test_frames: int = 25  # Sect. 4.2: 25 uniformly spaced frames and their flips
     test_mode: TestMode = "full"  # full frame, fully convolutional | 10crop (MMAction2's protocol)
+    # window: max over each run of --num-chunks consecutive test chunks (stride 1), then the mean
+    # over the runs (the original's test, STMulNet.m PoolTime); global: one max over all chunks
+    test_pool: TestPool = "window"
+    # logits: average the classification layers' outputs over views, windows and streams (Sect.
+    # 4.2 and 5.3, the original); softmax: average the streams' probabilities
+    score_fusion: ScoreFusion = "logits"
     eval_every: int = 1  # evaluate on the test split every k epochs (and after the last)
     # cpu: Ray Data workers decode and augment clips; device: they only sample them and ship
     # the JPEGs, which the training loop decodes on its device (nvJPEG on a GPU)
@@ -176,11 +189,14 @@ class TrainConfig:
     lr_milestones: tuple[int, ...] = (20, 30)  # lr /10 after these epochs (Sect. 4.1: 20, 10 more)
     momentum: float = 0.9  # SGD momentum (Sect. 4.1)
     weight_decay: float = 5e-4  # SGD weight decay (Sect. 4.1)
+    decay_all: bool = False  # weight decay on BatchNorm parameters and biases too (original: none)
     batch_size: int = 128  # videos per update, across all workers (Sect. 4.1)
     bn_batch: int = 4  # videos per forward/backward on one worker (BN batch; original: 4 x 5)
     frozen_bn: bool = False  # keep BatchNorm on its running statistics (partial BN)
     seed: int = 0  # model initialisation and augmentation
-    # initialisation of the fused stage (Sect. 4.1: "the fused model starts from both")
+    # initialisation (Sect. 4.1): auto = the fused stage from the two stream runs (both needed),
+    # a stream stage from ImageNet; streams | imagenet | scratch choose explicitly
+    init: Init = "auto"
     appearance_init: str = ""  # checkpoint path or MLflow run id of an appearance-stage run
     motion_init: str = ""  # checkpoint path or MLflow run id of a motion-stage run
     imagenet_dir: str = ""  # where torchvision's ImageNet .pth files are ("" = torch's cache)
@@ -233,6 +249,17 @@ class TrainConfig:
             )
         if g > 1 and g != int(g):
             raise UsageError(f"invalid --gpus-per-worker {g:g}: above 1, a whole number")
+        if (self.appearance_init or self.motion_init) and self.init in ("imagenet", "scratch"):
+            raise UsageError(f"--init {self.init} and --appearance-init/--motion-init disagree")
+        if self.data and self.resolved_init == "streams":
+            needed = ("appearance", "motion") if self.stage == "fused" else (self.stage,)
+            missing = [f"--{s}-init" for s in needed if not getattr(self, f"{s}_init")]
+            if missing:
+                raise UsageError(
+                    f"the {self.stage} stage starts from the stream runs (Sect. 4.1): give "
+                    f"{' and '.join(missing)} (MLflow run ids or checkpoints), or choose "
+                    "--init imagenet or --init scratch"
+                )
         per_worker, rest = divmod(self.batch_size, self.num_workers)
         if rest or per_worker % self.bn_batch:
             raise UsageError(
@@ -248,6 +275,15 @@ class TrainConfig:
     @property
     def base_lr(self) -> float:
         return self.lr or (1e-3 if self.stage == "fused" else 1e-2)
+
+    @property
+    def resolved_init(self) -> str:
+        """streams | imagenet | scratch: what ``init="auto"`` means for this stage."""
+        if self.init != "auto":
+            return self.init
+        if self.stage == "fused" or self.appearance_init or self.motion_init:
+            return "streams"
+        return "imagenet"
 
     @property
     def crop_mode(self) -> str:
@@ -283,7 +319,9 @@ class PreprocessConfig:
     gpus_per_worker: float = 0.0  # GPUs per flow actor (tvl1-torch); >0: unset workers = GPUs/this
     videos_per_shard: int = 8  # videos per task and per shard file (also the resume granularity)
     retry_failed: bool = False  # process videos that failed in an earlier run again
-    jpeg_quality: int = JPEG_QUALITY  # JPEG quality of the stored RGB frames and flow images
+    # JPEG quality of the stored RGB frames and flow images; unset: 95 for a new dataset, the
+    # recorded quality when continuing one
+    jpeg_quality: int | None = None
 
     def __post_init__(self) -> None:
         _check_literals(self)
@@ -480,6 +518,54 @@ def field_help(cls: type) -> dict[str, str]:
     return out
 
 
+# Each stream alone is a plain two-stream baseline (Sect. 4.1; the original
+# base_streams/cnn_ucf101_{spatial,temporal}.m): no gates, no temporal filters, one sample per
+# video, so nothing is pooled over time.
+STREAM_STAGE = {"fusion": "none", "temporal": "none", "num_chunks": 1}
+# The paper's recipe of each stage on real data, applied under every flag the user gives.
+PAPER_RECIPES: dict[str, dict[str, Any]] = {
+    "appearance": {
+        **STREAM_STAGE,
+        "appearance_arch": "resnet50",  # Table 4
+        "batch_size": 256,  # the original: 256 frames per update, 32 per forward
+        "crop": "jitter",  # +-25% jitter of the 224 crop
+        "appearance_dropout": 0.0,  # the original: dr0
+        "lr": 1e-2,  # lowered twice (Sect. 4.1); the original: 20 passes per lr step
+        "epochs": 60,
+        "lr_milestones": (20, 40),
+    },
+    "motion": {
+        **STREAM_STAGE,
+        "motion_arch": "resnet152",  # Table 4 (the original's test model: flow152)
+        "batch_size": 128,  # the original: 32 stacks per forward
+        "crop": "multiscale",  # W, H in {256, 224, 192, 168}, corners and centre
+        "motion_dropout": 0.8,
+        "lr": 1e-2,  # lowered twice (Sect. 4.1); the original: ~100 passes per lr step
+        "epochs": 300,
+        "lr_milestones": (100, 200),
+    },
+    "fused": {"lr": 1e-3},  # 128 videos x 5 chunks, lr /10 after 20 and 30 epochs: the defaults
+}
+
+
+STREAM_BN_BATCH = 32  # the original base streams' samples per forward pass
+
+
+def stage_recipe(stage: str, real_data: bool, num_workers: int = 1) -> dict[str, Any]:
+    """The flat config changes that ``--stage`` selects: the paper's whole recipe on real data,
+    only the stream stages' structure (no gates, filters or pooling over time) on the small
+    embedded run. A stream stage's BatchNorm batch is the original's 32 samples, or the largest
+    divisor of each worker's share of the update below it."""
+    check_choice("stage", stage, STAGES)
+    if not real_data:
+        return {"stage": stage, **(STREAM_STAGE if stage != "fused" else {})}
+    recipe = {"stage": stage, **PAPER_RECIPES[stage]}
+    if stage != "fused":
+        share = max(1, recipe["batch_size"] // max(1, num_workers))
+        recipe["bn_batch"] = max(d for d in range(1, STREAM_BN_BATCH + 1) if share % d == 0)
+    return recipe
+
+
 def embedded_default(**overrides: Any) -> TrainConfig:
     """The run of ``python jobs/train.py`` with no arguments: the synthetic dataset, small
     streams on small frames, 2 CPU workers, a few minutes on a laptop."""
@@ -506,5 +592,6 @@ def embedded_default(**overrides: Any) -> TrainConfig:
         num_workers=2,
         cpus_per_worker=0.5,
         keep_checkpoints=1,
+        init="scratch",  # no ImageNet weights on a laptop, no stream runs to start from
     )
     return replace(cfg, **overrides)

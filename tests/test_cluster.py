@@ -532,10 +532,11 @@ def test_train_job_runs_its_workers_on_both_nodes(two_nodes, preprocessed, tmp_p
     # a real cluster (Ray 2.60's `ray job logs` reads the head's log file: a driver placed on
     # another node with --entrypoint-resources runs, but its output is not shown there).
     args = [
-        "jobs/train.py", "--data", str(data), "--epochs", "1", "--batch-size", "8",
-        "--bn-batch", "4", "--crop-size", "64", "--num-chunks", "3", "--stride-min", "2",
-        "--stride-max", "6", "--test-frames", "5", "--appearance-arch", "resnet18",
-        "--motion-arch", "resnet18", "--num-workers", "2", "--cpus-per-worker", "2",
+        "jobs/train.py", "--data", str(data), "--init", "scratch", "--epochs", "1",
+        "--batch-size", "8", "--bn-batch", "4", "--crop-size", "64", "--num-chunks", "3",
+        "--stride-min", "2", "--stride-max", "6", "--test-frames", "5",
+        "--appearance-arch", "resnet18", "--motion-arch", "resnet18", "--num-workers", "2",
+        "--cpus-per-worker", "2",
         "--max-failures", "0", "--storage-path", str(storage), "--name", "two-nodes",
         "--mlflow-uri", f"sqlite:///{db}", "--experiment", "cluster-test",
     ]  # fmt: skip

@@ -38,6 +38,9 @@ def job(name: str, *args: str, timeout: float = 60) -> subprocess.CompletedProce
         ("train", ["--lr-milestones", "0"], "--lr-milestones"),
         ("train", ["--fusion", "concat"], "invalid choice"),
         ("train", ["--epochs", "many"], "invalid int value"),
+        ("train", ["--data", "d"], "the fused stage starts from the stream runs"),
+        ("train", ["--data", "d", "--motion-init", "R"], "give --appearance-init"),
+        ("train", ["--init", "scratch", "--motion-init", "R"], "disagree"),
         ("preprocess", ["--out", "x", "--seed", "-1"], "--seed -1"),
         ("preprocess", ["--out", "x", "--jpeg-quality", "0"], "--jpeg-quality 0"),
         ("preprocess", ["--out", "x", "--workers", "0"], "--workers 0"),
@@ -98,3 +101,47 @@ def test_with_changes_applies_nested_model_fields_and_rejects_unknown_ones() -> 
     with pytest.raises(C.UsageError, match="unexpected keyword"):
         C.with_changes(C.TrainConfig(), {"no_such_field": 1})
     assert C.from_dict(C.TrainConfig, C.to_dict(cfg)) == cfg
+
+
+def _train(*argv: str):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("train_job", ROOT / "jobs" / "train.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.parse(list(argv))[0]
+
+
+@pytest.mark.parametrize("stage", ["appearance", "motion"])
+def test_stream_stages_select_their_recipe(stage) -> None:
+    """--stage appearance|motion on real data: the stream alone (no gates, no temporal filters,
+    one sample per video), its batch, crops, dropout and lr schedule; flags still override."""
+    cfg = _train("--data", "d", "--stage", stage, "--num-workers", "8", "--gpus-per-worker", "1")
+    assert (cfg.model.fusion, cfg.model.temporal, cfg.num_chunks) == ("none", "none", 1)
+    assert cfg.lr == 1e-2 and len(cfg.lr_milestones) == 2 and cfg.resolved_init == "imagenet"
+    if stage == "appearance":
+        assert (cfg.batch_size, cfg.crop_mode, cfg.model.appearance_arch) == (
+            256,
+            "jitter",
+            "resnet50",
+        )
+    else:
+        assert (cfg.batch_size, cfg.crop_mode, cfg.model.motion_dropout) == (128, "multiscale", 0.8)
+        assert cfg.model.motion_arch == "resnet152" and cfg.epochs > 3 * cfg.lr_milestones[0] / 2
+    assert cfg.accum_steps * cfg.bn_batch * cfg.num_workers == cfg.batch_size
+    override = _train("--data", "d", "--stage", stage, "--lr", "0.05", "--bn-batch", "4")
+    assert override.lr == 0.05 and override.bn_batch == 4
+
+
+def test_fused_stage_recipe_and_init() -> None:
+    cfg = _train("--data", "d", "--appearance-init", "A", "--motion-init", "M")
+    assert (cfg.model.fusion, cfg.model.temporal, cfg.num_chunks) == (
+        "residual_mul",
+        "residual_all",
+        5,
+    )
+    assert cfg.lr == 1e-3 and cfg.resolved_init == "streams"
+    assert _train("--data", "d", "--init", "imagenet").resolved_init == "imagenet"
+    embedded = _train()
+    assert embedded.resolved_init == "scratch"
+    assert _train("--stage", "motion").num_chunks == 1  # the stream structure, small sizes

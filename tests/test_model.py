@@ -156,15 +156,33 @@ def test_fully_convolutional_on_full_frames_and_single_stream():
         tiny(fusion="residual_mul")(rgb, None)
 
 
-def test_fuse_scores_averages_stream_probabilities():
+def test_fuse_scores_averages_logits_or_probabilities():
     model = tiny(fusion="residual_mul")
     rgb, flow = inputs()
     with torch.no_grad():
         out = model(rgb, flow)
         fused = model.predict(rgb, flow)
+    torch.testing.assert_close(fused, ((out.appearance + out.motion) / 2).softmax(-1))
     expected = (out.appearance.softmax(-1) + out.motion.softmax(-1)) / 2
-    torch.testing.assert_close(fused, expected)
+    torch.testing.assert_close(fuse_scores(out, how="softmax"), expected)
     torch.testing.assert_close(fuse_scores(out).sum(-1), torch.ones(B))
+
+
+@pytest.mark.parametrize("time_pool", ["max", "avg"])
+def test_window_pooling(time_pool):
+    """The original's test pooling: pool each run of ``window`` consecutive chunks (stride 1),
+    classify, average the logits over the runs; a window of all T chunks is the global pool."""
+    model = tiny(fusion="residual_mul", temporal="residual_all", time_pool=time_pool)
+    rgb, flow = inputs()  # T = 4
+    with torch.no_grad():
+        assert torch.equal(model(rgb, flow, window=T).motion, model(rgb, flow).motion)
+        assert torch.equal(model(rgb, flow, window=T + 3).motion, model(rgb, flow).motion)
+        features, b, t = model.features(rgb, flow)
+        x = features["appearance"].reshape(b, t, *features["appearance"].shape[1:])
+        runs = [x[:, i : i + 2] for i in range(t - 1)]  # windows of 2 chunks
+        pooled = [r.amax(1) if time_pool == "max" else r.mean(1) for r in runs]
+        logits = torch.stack([model.appearance.fc(p.mean((-2, -1))) for p in pooled]).mean(0)
+        torch.testing.assert_close(model(rgb, flow, window=2).appearance, logits)
 
 
 @pytest.mark.parametrize(

@@ -34,6 +34,8 @@ SMOKE = dict(
     lr=0.005,
 )
 SMOKE_FLAGS = [
+    "--init",
+    "scratch",  # real --data: the fused stage would start from stream runs
     "--epochs",
     "2",
     "--batch-size",
@@ -256,7 +258,7 @@ def test_resume_after_the_job_is_killed_continues_epoch_and_lr(synthetic, tmp_pa
 def test_bad_input_is_one_line_and_exit_2(synthetic, tmp_path, flags, message):
     args = list(flags)
     if "--data" not in args:
-        args = ["--data", synthetic, *args]
+        args = ["--data", synthetic, "--init", "scratch", *args]
     proc = subprocess.run(
         [sys.executable, str(ROOT / "jobs" / "train.py"), *args],
         cwd=tmp_path,

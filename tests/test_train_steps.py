@@ -11,7 +11,7 @@ import torch
 
 from stm.config import TrainConfig, embedded_default
 from stm.model import build_model
-from stm.train.steps import evaluate, lr_factor, train_one_epoch, video_scores
+from stm.train.steps import PROTOCOLS, evaluate, lr_factor, train_one_epoch, video_scores
 
 from tiny import TINY, K, L  # tests/tiny.py
 
@@ -78,18 +78,30 @@ def test_lr_schedule_counts_updates():
 
 
 def test_video_scores_average_views_and_fuse_streams():
+    """Every protocol from one pass: softmax fusion averages probabilities over views and
+    streams; logit fusion averages the classification layers' outputs, then the softmax."""
     torch.manual_seed(0)
     model = build_model(CFG).eval()
     b, v, t, h, w = 2, 2, 25, 36, 48  # 25 frames, the full frame and its flip
     rgb, flow = torch.randn(b, v, t, 3, h, w), torch.randn(b, v, t, 2 * L, h, w)
-    scores = video_scores(model, rgb, flow)
-    assert set(scores) == {"appearance", "motion", "fused"}
-    with torch.no_grad():
-        per_view = model(rgb.flatten(0, 1), flow.flatten(0, 1))
-    app = per_view.appearance.softmax(-1).reshape(b, v, K).mean(1)
-    mot = per_view.motion.softmax(-1).reshape(b, v, K).mean(1)
-    torch.testing.assert_close(scores["appearance"], app)
-    torch.testing.assert_close(scores["fused"], (app + mot) / 2)
+    scores = video_scores(model, rgb, flow, window=3, protocols=PROTOCOLS)
+    assert set(scores) == set(PROTOCOLS)
+    assert all(set(s) == {"appearance", "motion", "fused"} for s in scores.values())
+    for pool, window in (("window", 3), ("global", None)):
+        with torch.no_grad():
+            per_view = model(rgb.flatten(0, 1), flow.flatten(0, 1), window=window)
+        la = per_view.appearance.reshape(b, v, K)
+        lm = per_view.motion.reshape(b, v, K)
+        soft = scores[(pool, "softmax")]
+        app, mot = la.softmax(-1).mean(1), lm.softmax(-1).mean(1)
+        torch.testing.assert_close(soft["appearance"], app)
+        torch.testing.assert_close(soft["fused"], (app + mot) / 2)
+        logit = scores[(pool, "logits")]
+        torch.testing.assert_close(logit["motion"], lm.mean(1).softmax(-1))
+        torch.testing.assert_close(logit["fused"], ((la.mean(1) + lm.mean(1)) / 2).softmax(-1))
+    assert not torch.allclose(
+        scores[("window", "logits")]["fused"], scores[("global", "logits")]["fused"]
+    )
 
 
 def test_evaluate_counts_each_video_once():
@@ -104,12 +116,36 @@ def test_evaluate_counts_each_video_once():
                 "label": x["label"],
             }
         )
-    conf = evaluate(model, batches, stage="fused", num_classes=K, device=torch.device("cpu"))
-    assert set(conf) == {"appearance", "motion", "fused"}
-    assert all(c.sum() == 3 for c in conf.values())
-    assert np.array_equal(
-        conf["fused"].sum(1), np.bincount([int(b["label"]) for b in batches], minlength=K)
-    )
+    confs = evaluate(
+        model, batches, stage="fused", num_classes=K, device=torch.device("cpu"),
+        window=3, protocols=PROTOCOLS,
+    )  # fmt: skip
+    assert set(confs) == set(PROTOCOLS)
+    for conf in confs.values():
+        assert set(conf) == {"appearance", "motion", "fused"}
+        assert all(c.sum() == 3 for c in conf.values())
+        assert np.array_equal(
+            conf["fused"].sum(1), np.bincount([int(b["label"]) for b in batches], minlength=K)
+        )
+
+
+def test_no_weight_decay_on_batchnorm_and_biases():
+    from stm.train.loop import param_groups
+
+    model = build_model(CFG)
+    decayed, free = param_groups(model, 5e-4)
+    assert decayed["weight_decay"] == 5e-4 and free["weight_decay"] == 0.0
+    bn = {
+        id(p)
+        for m in model.modules()
+        if isinstance(m, torch.nn.BatchNorm2d)
+        for p in m.parameters()
+    }
+    biases = {id(p) for n, p in model.named_parameters() if n.endswith(".bias")}
+    assert {id(p) for p in free["params"]} == bn | biases
+    assert len(decayed["params"]) + len(free["params"]) == len(list(model.parameters()))
+    (one,) = param_groups(model, 5e-4, decay_all=True)
+    assert len(one["params"]) == len(list(model.parameters()))
 
 
 def test_bn_batch_must_divide_the_per_worker_share():

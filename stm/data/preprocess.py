@@ -38,7 +38,7 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from stm import storage
-from stm.config import PreprocessConfig, UsageError
+from stm.config import JPEG_QUALITY, JPEG_QUALITY_BEFORE, PreprocessConfig, UsageError
 from stm.data import shards as S
 from stm.data.decode import DecodeError, VideoReader
 from stm.data.flow import make_estimator, quantize_flow
@@ -110,7 +110,7 @@ def process_video(
     estimator,
     short_side: int | None,
     max_frames: int | None = None,
-    jpeg_quality: int = S.JPEG_QUALITY,
+    jpeg_quality: int = JPEG_QUALITY,
 ) -> dict:
     """Decode one video, compute flow between consecutive frames, return its shard row.
 
@@ -260,6 +260,7 @@ def run_preprocess(cfg: PreprocessConfig) -> PreprocessSummary:
     start = time.perf_counter()
     _validate(cfg)
     fs, root = storage.resolve(cfg.out)
+    cfg = _with_jpeg_quality(fs, root, cfg)
     listing = _listing(cfg)
     _check_and_write_metadata(fs, root, cfg, listing)
 
@@ -284,7 +285,7 @@ def run_preprocess(cfg: PreprocessConfig) -> PreprocessSummary:
             group_name([it.video_id for it in missing], "missing"),
             [_failed_row(it.video_id, it.missing) for it in missing],
         )
-    todo = [it for it in todo if not it.missing]
+    todo = shard_order([it for it in todo if not it.missing])
     stats = {}
     if todo:
         stats = _run_pipeline(cfg, fs, root, todo)
@@ -297,6 +298,26 @@ def run_preprocess(cfg: PreprocessConfig) -> PreprocessSummary:
     storage.write_json_atomic(fs, posixpath.join(root, S.DATASET_FILE), info)
     logger.info("%s", summary.line())
     return summary
+
+
+def shard_order(items: Sequence[VideoItem]) -> list[VideoItem]:
+    """The videos in a fixed pseudo-random order (by a hash of their ids), so that the shards
+    cut from it in groups of ``videos_per_shard`` mix classes. Listings are sorted by class:
+    cut in that order, every shard would hold one class, and an epoch that shuffles shards
+    and a buffer would still feed BatchNorm and each update a few classes at a time."""
+    return sorted(
+        items, key=lambda it: hashlib.sha1(f"shard-order:{it.video_id}".encode()).digest()
+    )
+
+
+def _with_jpeg_quality(fs: pafs.FileSystem, root: str, cfg: PreprocessConfig) -> PreprocessConfig:
+    """An unset ``jpeg_quality``: the quality a dataset being continued recorded (90 when it
+    predates the field), else 95 for a new one."""
+    if cfg.jpeg_quality is not None:
+        return cfg
+    old = storage.read_json(fs, posixpath.join(root, S.DATASET_FILE))
+    quality = JPEG_QUALITY if old is None else int(old.get("jpeg_quality") or JPEG_QUALITY_BEFORE)
+    return dataclasses.replace(cfg, jpeg_quality=quality)
 
 
 def _validate(cfg: PreprocessConfig) -> None:

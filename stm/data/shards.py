@@ -25,6 +25,7 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from stm import storage
+from stm.config import JPEG_QUALITY
 from stm.storage import join, read_json, resolve
 
 logger = logging.getLogger(__name__)
@@ -58,7 +59,6 @@ MANIFEST_DIR = "manifest"  # OUT/manifest/part-<hash>.parquet (same name as its 
 CLASSES_FILE = "classes.json"  # ["ClassA", "ClassB", ...], index = label
 DATASET_FILE = "dataset.json"  # source, flow algorithm, short side, number of splits, counts
 UNREADABLE_DIR = "unreadable"  # OUT/unreadable/<dir>-<name>: files a rerun found unreadable
-JPEG_QUALITY = 90  # cv2.imencode quality for RGB frames and flow u/v images
 JPEG_COLUMNS = (RGB, FLOW_U, FLOW_V)  # written uncompressed (see write_table_atomic)
 
 STATUS_OK = "ok"

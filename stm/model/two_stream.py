@@ -37,12 +37,17 @@ class StreamScores(NamedTuple):
     motion: torch.Tensor | None
 
 
-def fuse_scores(scores: StreamScores, motion_weight: float = 1.0) -> torch.Tensor:
-    """The paper's prediction: the two streams' softmax scores averaged (Sect. 5.3; on HMDB51
-    the motion scores are weighted by 3). Returns class probabilities ``(B, num_classes)``."""
-    pa = scores.appearance.float().softmax(-1)
-    pm = scores.motion.float().softmax(-1)
-    return (pa + motion_weight * pm) / (1.0 + motion_weight)
+def fuse_scores(
+    scores: StreamScores, motion_weight: float = 1.0, how: str = "logits"
+) -> torch.Tensor:
+    """The paper's prediction from both streams, as class probabilities ``(B, num_classes)``:
+    ``logits`` averages the classification layers' outputs ("by averaging the prediction layer
+    outputs", Sect. 5.3; the original code), then takes the softmax; ``softmax`` averages the
+    streams' probabilities. On HMDB51 the paper weights the motion scores by 3."""
+    a, m = scores.appearance.float(), scores.motion.float()
+    if how == "logits":
+        return ((a + motion_weight * m) / (1.0 + motion_weight)).softmax(-1)
+    return (a.softmax(-1) + motion_weight * m.softmax(-1)) / (1.0 + motion_weight)
 
 
 def temporal_placements(temporal: str, stage_lengths: list[int]) -> list[tuple[str, int, str]]:
@@ -142,7 +147,19 @@ class TwoStreamNet(nn.Module):
             num_chunks=t,
         )
 
-    def forward(self, rgb: torch.Tensor | None, flow: torch.Tensor | None) -> StreamScores:
+    def forward(
+        self, rgb: torch.Tensor | None, flow: torch.Tensor | None, window: int | None = None
+    ) -> StreamScores:
+        """Class scores of each stream. ``window``: pool over time with this window, stride 1,
+        and average the windows (the original's test, with the training chunk count); None or
+        a window of at least T chunks: one pooling over all chunks (eq. 10)."""
+        features, b, t = self.features(rgb, flow)
+        return self.scores(features, b, t, window)
+
+    def features(
+        self, rgb: torch.Tensor | None, flow: torch.Tensor | None
+    ) -> tuple[dict[str, torch.Tensor], int, int]:
+        """Each stream's last feature maps ``(B*T, C, h, w)``, with B and T."""
         inputs = {"appearance": rgb, "motion": flow}
         active = [n for n in STREAMS if inputs[n] is not None]
         if not active:
@@ -167,21 +184,32 @@ class TwoStreamNet(nn.Module):
             for n in active:
                 for i in range(GATED_UNIT + 1, len(getattr(self.stream(n), stage))):
                     x[n] = relu(self._unit(n, stage, i, x[n], x[n], t))
+        return x, b, t
 
-        scores = {n: self._head(n, x[n], b, t) for n in active}
-        return StreamScores(scores.get("appearance"), scores.get("motion"))
+    def scores(
+        self, features: dict[str, torch.Tensor], b: int, t: int, window: int | None = None
+    ) -> StreamScores:
+        """The classifiers on pooled ``features`` (see ``forward``)."""
+        out = {n: self._head(n, x, b, t, window) for n, x in features.items()}
+        return StreamScores(out.get("appearance"), out.get("motion"))
 
-    def _head(self, name: str, x: torch.Tensor, b: int, t: int) -> torch.Tensor:
+    def _head(self, name: str, x: torch.Tensor, b: int, t: int, window: int | None) -> torch.Tensor:
         x = x.reshape(b, t, *x.shape[1:])  # (B, T, C, h, w)
-        x = x.amax(1) if self.time_pool == "max" else x.mean(1)  # eq. 10, per location
-        x = x.mean((-2, -1))  # global spatial average (pool5), (B, C)
+        if window is not None and window < t:
+            x = x.unfold(1, window, 1)  # (B, T - window + 1, C, h, w, window)
+            x = x.amax(-1) if self.time_pool == "max" else x.mean(-1)
+            x = x.mean(1)  # the windows' average: the classifier is linear, so = mean of logits
+        else:
+            x = x.amax(1) if self.time_pool == "max" else x.mean(1)  # eq. 10, per location
+        x = x.mean((-2, -1))  # global spatial average (pool5), (B, C): = mean over locations
         return self.stream(name).fc(self.dropout[name](x))
 
     @torch.no_grad()
     def predict(
         self, rgb: torch.Tensor, flow: torch.Tensor, motion_weight: float = 1.0
     ) -> torch.Tensor:
-        """Fused class probabilities ``(B, num_classes)``, as the paper predicts."""
+        """Fused class probabilities ``(B, num_classes)``, as the paper predicts (logits
+        averaged over the streams)."""
         return fuse_scores(self(rgb, flow), motion_weight)
 
 

@@ -22,7 +22,15 @@ from stm.data.device_clips import DeviceClipDecoder
 from stm.model import build_model, to_channels_last
 from stm.model.two_stream import TwoStreamNet
 from stm.train import tracking
-from stm.train.steps import accuracy, evaluate, lr_factor, streams_of, train_one_epoch
+from stm.train.steps import (
+    THROUGHPUT,
+    accuracy,
+    chunks_per_s,
+    evaluate,
+    lr_factor,
+    streams_of,
+    train_one_epoch,
+)
 
 log = logging.getLogger(__name__)
 
@@ -119,6 +127,21 @@ def build_worker_model(cfg: TrainConfig, rank: int) -> TwoStreamNet:
     return model
 
 
+def param_groups(
+    model: torch.nn.Module, weight_decay: float, decay_all: bool = False
+) -> list[dict[str, Any]]:
+    """The trained parameters in two groups: weights with ``weight_decay``, and BatchNorm
+    parameters and biases (every 1-D parameter) without it, as the original code trains
+    (``decay_all``: one group, everything decayed)."""
+    trained = [p for p in model.parameters() if p.requires_grad]
+    if decay_all:
+        return [{"params": trained, "weight_decay": weight_decay}]
+    return [
+        {"params": [p for p in trained if p.ndim > 1], "weight_decay": weight_decay},
+        {"params": [p for p in trained if p.ndim <= 1], "weight_decay": 0.0},
+    ]
+
+
 def updates_per_epoch(num_train: int, world: int, cfg: TrainConfig) -> int:
     """Optimiser updates in one epoch on every worker (equal shards, full micro-batches)."""
     micro = (num_train // world) // cfg.bn_batch
@@ -182,9 +205,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     net: TwoStreamNet = ddp.module if hasattr(ddp, "module") else ddp
     syncs = _grad_sync_counter(ddp) if hasattr(ddp, "no_sync") else None
 
-    params = [p for p in net.parameters() if p.requires_grad]
     optimizer = torch.optim.SGD(
-        params, lr=cfg.base_lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay
+        param_groups(net, cfg.weight_decay, cfg.decay_all), lr=cfg.base_lr, momentum=cfg.momentum
     )
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda u: lr_factor(u, upe, cfg.lr_milestones)
@@ -223,26 +245,25 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         )
         # Sum the workers' counts, then form the metrics.
         keys = sorted(stats.correct)
-        sums = all_reduce_sum(
-            np.array([stats.loss, stats.videos, stats.seconds, *[stats.correct[k] for k in keys]]),
-            device,
-        )
+        counts = [stats.loss, stats.videos, stats.chunks, stats.seconds]
+        sums = all_reduce_sum(np.array([*counts, *[stats.correct[k] for k in keys]]), device)
         videos = max(sums[1], 1.0)
         metrics: dict[str, float] = {
             "epoch": float(epoch),
             "lr": lr,
             "train_loss": sums[0] / videos,
-            "train_clips_per_s": sums[1] * cfg.num_chunks / max(sums[2] / world, 1e-9),
+            THROUGHPUT: chunks_per_s(sums[2], sums[3] / world),  # all workers, mean seconds
             "updates": float(stats.updates),
             "start_epoch": float(start_epoch),  # > 1 after a restore from a checkpoint
         }
-        for k, c in zip(keys, sums[3:]):
+        for k, c in zip(keys, sums[4:]):
             metrics[f"train_clip_acc_{k}"] = c / videos
         if syncs is not None:
             metrics["grad_syncs"] = float(syncs[0] - syncs_before)
 
         confusions = None
         if epoch % cfg.eval_every == 0 or epoch == cfg.epochs:
+            protocol = (cfg.test_pool, cfg.score_fusion)
             confusions = evaluate(
                 net,
                 test_shard.iter_torch_batches(batch_size=1),
@@ -250,7 +271,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                 num_classes=cfg.model.num_classes,
                 device=device,
                 bf16=bf16,
-            )
+                window=cfg.num_chunks,
+                protocols=(protocol,),
+            )[protocol]
             names = sorted(confusions)
             stacked = all_reduce_sum(np.stack([confusions[n] for n in names]), device)
             confusions = {n: stacked[i].astype(np.int64) for i, n in enumerate(names)}

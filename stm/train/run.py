@@ -120,41 +120,65 @@ def warn_if_not_shared(cfg: TrainConfig, uri: str) -> None:
 
 
 def initial_state(cfg: TrainConfig, uri: str) -> tuple[dict[str, Any] | None, str]:
-    """The fused stage's starting weights (Sect. 4.1): the two stream runs' checkpoints, else
-    ImageNet when its files are present, else none (from scratch). Returns (state, source)."""
+    """The run's starting weights and where they come from (the ``init`` tag), by
+    ``cfg.resolved_init`` (Sect. 4.1: each stream from ImageNet, the fused model from both):
+
+    - streams: the stream runs' checkpoints (``--appearance-init`` / ``--motion-init``: MLflow
+      run ids or checkpoint paths); the fused stage needs both;
+    - imagenet: torchvision's ImageNet files (``--imagenet-dir`` or torch's cache), for the
+      streams the stage trains; missing files are a usage error;
+    - scratch: nothing.
+    """
+    how = cfg.resolved_init
+    if how == "scratch":
+        return None, "scratch"
+    if how == "imagenet":
+        return _imagenet_state(cfg), "ImageNet"
+    refs = {"appearance": cfg.appearance_init, "motion": cfg.motion_init}
+    needed = ("appearance", "motion") if cfg.stage == "fused" else (cfg.stage,)
+    missing = [s for s in needed if not refs[s]]
+    if missing:
+        flags = " and ".join(f"--{s}-init" for s in missing)
+        raise UsageError(
+            f"the {cfg.stage} stage starts from the stream runs (Sect. 4.1): give {flags} "
+            "(MLflow run ids or checkpoints), or choose --init imagenet or --init scratch"
+        )
+    state: dict[str, Any] = {}
+    for stream, ref in refs.items():
+        if ref:
+            prefixes = (f"{stream}.", f"temporal.{stream}.")
+            ckpt = load_checkpoint(_checkpoint_path(f"--{stream}-init", ref, uri))
+            state.update({k: v for k, v in ckpt["model"].items() if k.startswith(prefixes)})
+    return state, ", ".join(f"{s} from {r}" for s, r in refs.items() if r)
+
+
+def _checkpoint_path(flag: str, ref: str, uri: str) -> str:
+    """A local checkpoint for ``ref``: a local path, a file or folder in cloud storage, or the
+    best checkpoint of an MLflow run."""
+    if "://" in ref:
+        return _fetch_checkpoint(ref)
+    if Path(ref).exists():
+        return ref
+    try:
+        return tracking.download_checkpoint(uri, ref, tempfile.mkdtemp(prefix="stm-init-"))
+    except Exception as err:  # noqa: BLE001
+        raise UsageError(f"{flag} {ref}: no such file or MLflow run ({err})") from None
+
+
+def _imagenet_state(cfg: TrainConfig) -> dict[str, Any]:
     from stm.model import build_model
     from stm.model.imagenet import load_stream
+    from stm.train.steps import streams_of
 
-    state: dict[str, Any] = {}
-    sources = []
-    for stream, ref in (("appearance", cfg.appearance_init), ("motion", cfg.motion_init)):
-        if not ref:
-            continue
-        path = ref
-        if "://" in ref:  # a checkpoint file or folder in cloud storage: fetch it
-            path = _fetch_checkpoint(ref)
-        elif not Path(ref).exists():  # an MLflow run id
-            try:
-                path = tracking.download_checkpoint(uri, ref, tempfile.mkdtemp(prefix="stm-init-"))
-            except Exception as err:  # noqa: BLE001
-                raise UsageError(
-                    f"--{stream}-init {ref}: no such file or MLflow run ({err})"
-                ) from None
-        ckpt = load_checkpoint(path)
-        prefixes = (f"{stream}.", f"temporal.{stream}.")
-        state.update({k: v for k, v in ckpt["model"].items() if k.startswith(prefixes)})
-        sources.append(f"{stream} from {ref}")
-    if state:
-        return state, ", ".join(sources)
     model = build_model(cfg.model)
+    archs = {"appearance": cfg.model.appearance_arch, "motion": cfg.model.motion_arch}
     try:
-        load_stream(model.appearance, cfg.model.appearance_arch, cfg.imagenet_dir or None)
-        load_stream(model.motion, cfg.model.motion_arch, cfg.imagenet_dir or None)
+        for stream in streams_of(cfg.stage):
+            load_stream(model.stream(stream), archs[stream], cfg.imagenet_dir or None)
     except FileNotFoundError as err:
-        log.info("%s", err)
-        return None, f"scratch ({err})"
-    keep = ("appearance.", "motion.")
-    return {k: v for k, v in model.state_dict().items() if k.startswith(keep)}, "ImageNet"
+        raise UsageError(f"--init imagenet: {err}; or choose --init scratch") from None
+    keep = tuple(f"{s}." for s in streams_of(cfg.stage))
+    return {k: v for k, v in model.state_dict().items() if k.startswith(keep)}
 
 
 def _init_ray() -> None:
@@ -205,6 +229,7 @@ def run_training(
     _init_ray()
     warn_if_not_shared(cfg, uri)
 
+    init, source = (None, "checkpoint") if resume else initial_state(cfg, uri)
     storage = absolute(cfg.storage_path)
     if resume:
         name = cfg.name or _read_line(f"{storage}/{LATEST_FILE}")
@@ -234,7 +259,6 @@ def run_training(
         flush=True,
     )
 
-    init, source = (None, "checkpoint") if resume else initial_state(cfg, uri)
     if not resume:
         tracking.set_tags(uri, run_id, {"init": source})
     loop_config = {

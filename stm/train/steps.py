@@ -75,6 +75,7 @@ class EpochStats:
 
     loss: float = 0.0
     videos: int = 0
+    chunks: int = 0  # videos x chunks per video: an RGB frame and its flow stack each
     correct: dict[str, int] = field(default_factory=dict)
     updates: int = 0
     seconds: float = 0.0
@@ -83,8 +84,17 @@ class EpochStats:
         m = {"train_loss": self.loss / max(self.videos, 1), "train_videos": float(self.videos)}
         for name, c in self.correct.items():
             m[f"train_clip_acc_{name}"] = c / max(self.videos, 1)
-        m["train_clips_per_s"] = self.videos / max(self.seconds, 1e-9)
+        m[THROUGHPUT] = chunks_per_s(self.chunks, self.seconds)
         return m
+
+
+THROUGHPUT = "train_chunks_per_s"  # the training throughput metric, here and in the loop
+
+
+def chunks_per_s(chunks: float, seconds: float) -> float:
+    """Training throughput: chunks (an RGB frame and its 2L-channel flow stack) per second, the
+    unit of every throughput figure of stm (benchmarks, docs/performance.md)."""
+    return chunks / max(seconds, 1e-9)
 
 
 def _one_ahead(batches: Iterable) -> Iterator[tuple[Any, bool]]:
@@ -164,6 +174,7 @@ def train_one_epoch(
             counts = [(pred == labels).sum().double() for pred in preds]
             totals += torch.stack([loss.detach().double() * n, *counts])
             stats.videos += n
+            stats.chunks += n * (rgb if rgb is not None else flow).shape[1]
         if ends_update:
             if in_group < accum_steps:  # a trailing group: its gradient back to a mean
                 for group in optimizer.param_groups:
@@ -182,33 +193,72 @@ def train_one_epoch(
     return stats
 
 
+TestProtocol = tuple[str, str]  # (test pool: window | global, score fusion: logits | softmax)
+PROTOCOLS: tuple[TestProtocol, ...] = (
+    ("window", "logits"),  # the original's test
+    ("window", "softmax"),
+    ("global", "logits"),
+    ("global", "softmax"),
+)
+
+
 @torch.no_grad()
 def video_scores(
-    model: nn.Module, rgb: torch.Tensor | None, flow: torch.Tensor | None, bf16: bool = False
-) -> dict[str, torch.Tensor]:
-    """Per-video class probabilities of the paper's test protocol.
+    model: nn.Module,
+    rgb: torch.Tensor | None,
+    flow: torch.Tensor | None,
+    bf16: bool = False,
+    *,
+    window: int | None = None,
+    protocols: tuple[TestProtocol, ...] = (("window", "logits"),),
+) -> dict[TestProtocol, dict[str, torch.Tensor]]:
+    """Per-video class probabilities of the paper's test protocol, for each of ``protocols``
+    from one forward pass.
 
     Args:
         rgb, flow: float inputs of B videos, (B, V, T, C, H, W): V views (the full frame and its
-            flip, or 10 crops), T = 25 chunks each. Each view runs as one video through the
-            fully convolutional network (temporal filters and time pooling over its T chunks).
+            flip, or 10 crops), T chunks each (25 in the paper). Each view runs as one video
+            through the fully convolutional network (temporal filters over its T chunks).
+        window: the time-pooling window of the ``window`` protocols (the training chunk count);
+            ``global`` pools over all T chunks at once.
+        protocols: (pool, fusion) pairs. ``logits`` averages the classification layers' outputs
+            over the views (and, for "fused", the streams) and then takes the softmax (Sect. 4.2
+            and 5.3, the original); ``softmax`` averages the probabilities.
 
     Returns:
-        {"appearance" / "motion": (B, K) softmax scores averaged over views (space and time are
-        averaged inside the network), "fused": the two averaged}.
+        {protocol: {"appearance" / "motion": (B, K), "fused": of both}}.
     """
     x = rgb if rgb is not None else flow
     b, v = x.shape[:2]
     with autocast(x.device, bf16):
-        scores = model(
+        features, n, t = model.features(
             None if rgb is None else rgb.flatten(0, 1),  # (B*V, T, 3, H, W)
             None if flow is None else flow.flatten(0, 1),  # (B*V, T, 2L, H, W)
         )
-    out = {}
-    for name in STREAM_NAMES:
-        s = getattr(scores, name)
-        if s is not None:
-            out[name] = s.float().softmax(-1).reshape(b, v, -1).mean(1)  # (B, K)
+    out: dict[TestProtocol, dict[str, torch.Tensor]] = {}
+    for pool in dict.fromkeys(p for p, _ in protocols):
+        with autocast(x.device, bf16):
+            scores = model.scores(features, n, t, window if pool == "window" else None)
+        logits = {
+            name: getattr(scores, name).float().reshape(b, v, -1)  # (B, V, K)
+            for name in STREAM_NAMES
+            if getattr(scores, name) is not None
+        }
+        for p, fusion in protocols:
+            if p == pool:
+                out[(pool, fusion)] = _fuse_views(logits, fusion)
+    return out
+
+
+def _fuse_views(logits: dict[str, torch.Tensor], fusion: str) -> dict[str, torch.Tensor]:
+    """(B, V, K) logits per stream -> (B, K) probabilities per stream and fused."""
+    if fusion == "logits":
+        means = {name: x.mean(1) for name, x in logits.items()}
+        out = {name: m.softmax(-1) for name, m in means.items()}
+        if len(means) == 2:
+            out["fused"] = ((means["appearance"] + means["motion"]) / 2).softmax(-1)
+        return out
+    out = {name: x.softmax(-1).mean(1) for name, x in logits.items()}
     if len(out) == 2:
         out["fused"] = (out["appearance"] + out["motion"]) / 2
     return out
@@ -222,19 +272,28 @@ def evaluate(
     num_classes: int,
     device: torch.device,
     bf16: bool = False,
-) -> dict[str, np.ndarray]:
+    window: int | None = None,
+    protocols: tuple[TestProtocol, ...] = (("window", "logits"),),
+) -> dict[TestProtocol, dict[str, np.ndarray]]:
     """Confusion matrices (K, K; rows = true class) of each scored stream and of the fusion
-    over the test videos in ``batches`` (this worker's share)."""
+    over the test videos in ``batches`` (this worker's share), for each test protocol."""
     model.eval()
     names = (*streams_of(stage), "fused") if stage == "fused" else streams_of(stage)
-    confusion = {n: torch.zeros(num_classes, num_classes, dtype=torch.int64) for n in names}
+    confusion = {
+        p: {n: torch.zeros(num_classes, num_classes, dtype=torch.int64) for n in names}
+        for p in protocols
+    }
     for batch in batches:
         labels = batch["label"].cpu()
         rgb, flow = model_inputs(batch, stage, device)
-        for name, probs in video_scores(model, rgb, flow, bf16).items():
-            pred = probs.argmax(-1).cpu()
-            confusion[name].index_put_((labels, pred), torch.ones_like(labels), accumulate=True)
-    return {n: c.numpy() for n, c in confusion.items()}
+        scores = video_scores(model, rgb, flow, bf16, window=window, protocols=protocols)
+        for p, by_name in scores.items():
+            for name, probs in by_name.items():
+                pred = probs.argmax(-1).cpu()
+                confusion[p][name].index_put_(
+                    (labels, pred), torch.ones_like(labels), accumulate=True
+                )
+    return {p: {n: c.numpy() for n, c in by_name.items()} for p, by_name in confusion.items()}
 
 
 def accuracy(confusion: np.ndarray) -> float:
