@@ -55,7 +55,8 @@ def parse(argv: list[str] | None = None) -> tuple[TrainConfig, SweepConfig, bool
 
 def main(argv: list[str] | None = None) -> int:
     base, sweep, resume = parse(argv)
-    from stm.train.sweep import load_grid, run_sweep, trial_configs
+    from stm.train.grids import load_grid, trial_configs
+    from stm.train.sweep import run_sweep
 
     if not resume:
         try:

@@ -17,16 +17,19 @@ from pathlib import Path
 
 import pytest
 
-from stm.config import TrainConfig, UsageError, embedded_default
-from stm.train import sweep as S
+from stm.config import SweepConfig, TrainConfig, UsageError, embedded_default
+from stm.train.grids import BUILTIN, GRIDS, load_grid, table2, table3, trial_configs
+from stm.train.report import TrialRow, paper_results, write_report
+from stm.train.sweep import SweepState, best_row
 
 ROOT = Path(__file__).resolve().parents[1]
 SMOKE_FLAGS = [
     *("--epochs", "1", "--batch-size", "8", "--bn-batch", "4", "--crop-size", "48"),
     *("--num-chunks", "2", "--stride-min", "2", "--stride-max", "4", "--test-frames", "3"),
     *("--lr", "0.005", "--max-failures", "0", "--keep-checkpoints", "1"),
+    *("--init", "scratch"),  # real --data: the fused stage would start from stream runs
     *("--appearance-arch", "resnet18", "--motion-arch", "resnet18", "--motion-dropout", "0.5"),
-    *("--workers-per-trial", "1", "--cpus-per-worker", "0.5"),
+    *("--num-workers", "1", "--cpus-per-worker", "0.5"),
     *("--trial-cpus", "0.5", "--max-concurrent", "1"),
 ]
 GRID = """\
@@ -46,7 +49,7 @@ def _sweep_main():
 
 # --- grids, published numbers, report (no Ray) ------------------------------------------------
 def test_builtin_grids_are_the_papers_tables():
-    t2 = {v.name: v.changes for v in S.table2()}
+    t2 = {v.name: v.changes for v in table2()}
     assert len(t2) == 8 and t2["unconnected"]["fusion"] == "none"
     assert {(c["fusion"], c["direction"]) for n, c in t2.items() if n != "unconnected"} == {
         ("direct_add", "m2a"),
@@ -58,7 +61,7 @@ def test_builtin_grids_are_the_papers_tables():
         ("residual_mul", "bi"),
     }
     assert all(c["temporal"] == "none" and c["time_pool"] == "avg" for c in t2.values())
-    t3 = {v.name: v.changes for v in S.table3()}
+    t3 = {v.name: v.changes for v in table3()}
     assert len(t3) == 9 and all(c["fusion"] == "residual_mul" for c in t3.values())
     assert {(c["temporal"], c.get("temporal_init"), c["time_pool"]) for c in t3.values()} == {
         ("none", None, "avg"),
@@ -72,16 +75,16 @@ def test_builtin_grids_are_the_papers_tables():
         ("residual_all", "center", "max"),
     }
     # every variant builds a valid config on the paper's defaults
-    configs = S.trial_configs(TrainConfig(), S.load_grid("table3"))
+    configs = trial_configs(TrainConfig(), load_grid("table3"))
     assert configs["residual_all-center-maxpool"].model == TrainConfig().model  # the final model
 
 
 def test_paper_numbers_cover_the_grids_and_name_their_source():
-    paper = S.paper_results()
+    paper = paper_results()
     assert "CVPR 2017" in paper["source"] and "Table 2" in paper["source"]
-    for table in S.GRIDS:
+    for table in GRIDS:
         rows = {r["key"]: r for r in paper["tables"][table]["rows"]}
-        assert set(rows) == {v.name for v in S.BUILTIN[table]()}
+        assert set(rows) == {v.name for v in BUILTIN[table]()}
     t2 = {r["key"]: r for r in paper["tables"]["table2"]["rows"]}
     # confirmed by the running text (Sect. 5.1); the rest of Table 2 is marked uncertain
     assert (t2["residual_add-m2a"]["ucf101"], t2["residual_add-m2a"]["hmdb51"]) == (9.38, 41.89)
@@ -94,18 +97,18 @@ def test_paper_numbers_cover_the_grids_and_name_their_source():
 
 def test_report_has_the_papers_layout_uncertain_marks_and_failures(tmp_path):
     base = embedded_default(data=str(tmp_path))
-    configs = S.trial_configs(base, S.load_grid("table2", ("direct_add-m2a", "residual_mul-m2a")))
-    state = {
-        "name": "s",
-        "parent_run_id": "p",
-        "grid": {"name": "table2", "layout": "table2", "base": {}, "variants": []},
-        "configs": {k: json.loads(json.dumps(S.to_dict(c))) for k, c in configs.items()},
-    }
+    grid = load_grid("table2", ("direct_add-m2a", "residual_mul-m2a"))
+    configs = trial_configs(base, grid)
+    # as a resumed sweep reads it: through sweep.json
+    fresh = SweepState("s", grid, SweepConfig(name="s"), configs, "p", "sqlite:///m.db", "now")
+    state = SweepState.from_json(fresh.to_json())
     rows = [
-        S.TrialRow("direct_add-m2a", "failed", reason="boom"),
-        S.TrialRow("residual_mul-m2a", "ok", error=12.5, epoch=6, metrics={"score": 0.875}),
+        TrialRow("direct_add-m2a", "failed", reason="boom"),
+        TrialRow("residual_mul-m2a", "ok", error=12.5, epoch=6, metrics={"score": 0.875}),
     ]
-    text = S.write_report(state, rows, str(tmp_path))
+    text = write_report(
+        state.grid, state.configs, rows, str(tmp_path), sweep=state.name, parent_run_id="p"
+    )
     lines = text.splitlines()
     assert lines[0].startswith("| connection | fusion | direction | Fig. | UCF101 (paper)")
     direct = next(ln for ln in lines if "Fig. 2(a)" in ln)
@@ -114,7 +117,35 @@ def test_report_has_the_papers_layout_uncertain_marks_and_failures(tmp_path):
     assert "| 8.72 | 37.23 | 12.50 |" in mul
     assert "uncertain" in text.lower() and "CVPR 2017" in text
     assert (tmp_path / "ablation_report.png").stat().st_size > 1000
-    assert S.best_row(rows).variant == "residual_mul-m2a"
+    assert (tmp_path / "ablation_report.md").read_text() == text
+    saved = json.loads((tmp_path / "ablation_report.json").read_text())
+    assert (saved["sweep"], saved["grid"], saved["parent_run_id"]) == ("s", "table2", "p")
+    assert [r["status"] for r in saved["rows"]] == ["failed", "ok"]
+    assert best_row(rows).variant == "residual_mul-m2a"
+
+
+def test_sweep_state_round_trips_through_sweep_json(tmp_path):
+    """What --resume and every trial read back is what the sweep started with, tuples and
+    the variants' order included."""
+    path = tmp_path / "grid.yaml"
+    path.write_text(
+        "base: {epochs: 2, lr_milestones: [1]}\n"
+        "variants: {b: {fusion: residual_add, lr_milestones: [1, 2]}, a: {fusion: none}}\n"
+    )
+    grid = load_grid(str(path))
+    configs = trial_configs(embedded_default(data=str(tmp_path)), grid)
+    sweep = SweepConfig(grid=str(path), only=("b", "a"), name="s", asha=True)
+    state = SweepState("s", grid, sweep, configs, "parent", "sqlite:///m.db", "now")
+    state.save(str(tmp_path / "s"))
+    loaded = SweepState.load(str(tmp_path / "s"))
+    assert loaded == state and list(loaded.configs) == ["b", "a"]
+    assert loaded.configs["b"].lr_milestones == (1, 2) and loaded.sweep.only == ("b", "a")
+    assert loaded.grid.variants[0].changes["lr_milestones"] == (1, 2)
+    saved = json.loads((tmp_path / "s" / "sweep.json").read_text())
+    keys = ("name", "grid", "sweep", "configs", "parent_run_id", "tracking_uri", "created")
+    assert list(saved) == list(keys)
+    assert saved["configs"]["a"]["model"]["fusion"] == "none"
+    assert SweepState.load(str(tmp_path / "nosuch")) is None
 
 
 @pytest.mark.parametrize(
@@ -149,16 +180,16 @@ def test_yaml_grid_product_and_base(tmp_path):
         "base: {epochs: 3}\nvariants: {m: {fusion: residual_mul}}\n"
         "grid: {lr: [0.001, 0.01], time-pool: [max]}\n"
     )
-    grid = S.load_grid(str(path))
+    grid = load_grid(str(path))
     assert [v.name for v in grid.variants] == [
         "m_lr=0.001,time_pool=max",
         "m_lr=0.01,time_pool=max",
     ]
-    configs = S.trial_configs(embedded_default(), grid)
+    configs = trial_configs(embedded_default(), grid)
     assert {c.epochs for c in configs.values()} == {3}
     assert {c.lr for c in configs.values()} == {0.001, 0.01}
     with pytest.raises(UsageError, match="no such variant"):
-        S.load_grid("table2", ("nope",))
+        load_grid("table2", ("nope",))
 
 
 # --- a real sweep --------------------------------------------------------------------------------
@@ -209,6 +240,7 @@ def _job(args: list[str], env: dict, tmp: Path) -> subprocess.Popen:
     )
 
 
+@pytest.mark.slow
 def test_sweep_killed_driver_resumes_then_reports_registers_and_evaluates(
     ray_local, sweep_data, tmp_path
 ):
