@@ -81,17 +81,12 @@ def planned_batches(
 ) -> list[pa.Table]:
     """``--decode device``'s planned micro-batches of ``batch_size`` videos of ``table`` for
     each epoch number of ``epochs`` (seed 0), epoch by epoch."""
+    from stm.data.clips import TrainClipSpec
     from stm.data.device_clips import plan_train_batch
 
+    spec = TrainClipSpec(num_chunks=num_chunks, flow_length=flow_length, crop_size=crop_size)
     return [
-        plan_train_batch(
-            table.slice(i, batch_size),
-            epoch=epoch,
-            seed=0,
-            num_chunks=num_chunks,
-            flow_length=flow_length,
-            crop_size=crop_size,
-        )
+        plan_train_batch(table.slice(i, batch_size), spec, epoch=epoch, seed=0)
         for epoch in epochs
         for i in range(0, table.num_rows, batch_size)
     ]

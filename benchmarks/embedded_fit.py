@@ -41,7 +41,7 @@ def main(argv: list[str] | None = None) -> None:
 
     import pyarrow.dataset as pads
 
-    from stm.data.clips import test_batch, train_batch
+    from stm.data.clips import test_batch, test_clip_spec, train_batch, train_clip_spec
     from stm.data.shards import in_split
     from stm.model import build_model
     from stm.storage import resolve
@@ -73,6 +73,7 @@ def main(argv: list[str] | None = None) -> None:
         f"chance loss {2 * math.log(cfg.model.num_classes):.2f}",
         flush=True,
     )
+    train_spec, test_spec = train_clip_spec(cfg), test_clip_spec(cfg)
     start = time.time()
     for epoch in range(1, cfg.epochs + 1):
         order = rng.permutation(train.num_rows)
@@ -80,13 +81,7 @@ def main(argv: list[str] | None = None) -> None:
             {
                 k: torch.from_numpy(v)
                 for k, v in train_batch(
-                    train.take(order[i : i + cfg.bn_batch]),
-                    seed=None,
-                    num_chunks=cfg.num_chunks,
-                    flow_length=cfg.model.flow_length,
-                    crop_size=cfg.crop_size,
-                    stride_range=(cfg.stride_min, cfg.stride_max),
-                    crop=cfg.crop_mode,
+                    train.take(order[i : i + cfg.bn_batch]), train_spec, seed=None
                 ).items()
             }
             for i in range(0, len(order) - cfg.bn_batch + 1, cfg.bn_batch)
@@ -98,21 +93,14 @@ def main(argv: list[str] | None = None) -> None:
         line = f"epoch {epoch}: loss {stats.as_metrics()['train_loss']:.3f} {line}"
         if epoch % cfg.eval_every == 0 or epoch == cfg.epochs:
             views = (
-                {
-                    k: torch.from_numpy(v)
-                    for k, v in test_batch(
-                        test.slice(i, 1),
-                        num_frames=cfg.test_frames,
-                        flow_length=cfg.model.flow_length,
-                        mode=cfg.test_mode,
-                        crop_size=cfg.crop_size,
-                    ).items()
-                }
+                {k: torch.from_numpy(v) for k, v in test_batch(test.slice(i, 1), test_spec).items()}
                 for i in range(test.num_rows)
             )
+            protocol = (cfg.test_pool, cfg.score_fusion)
             confusion = evaluate(
-                model, views, stage=cfg.stage, num_classes=cfg.model.num_classes, device=device
-            )
+                model, views, stage=cfg.stage, num_classes=cfg.model.num_classes, device=device,
+                window=cfg.num_chunks, protocols=(protocol,),
+            )[protocol]  # fmt: skip
             line += " | test " + " ".join(f"{k} {accuracy(c):.3f}" for k, c in confusion.items())
         print(f"{line} ({time.time() - start:.0f} s)", flush=True)
 

@@ -42,7 +42,7 @@ def inputs(device, b=2, t=5, s=112, seed=0):
 
 
 def check_layout(device) -> tuple[bool, str]:
-    from stm.data.clips import to_model_inputs
+    from stm.train.steps import to_model_inputs
 
     torch.manual_seed(0)
     model = build_model(CFG).to(device).eval()
@@ -106,14 +106,15 @@ def check_syncs(device, micro_batches: int = 6) -> tuple[bool, str]:
 def check_decode(device, rounds: int = 20) -> tuple[bool, str]:
     from bench_data import planned_batches, shard_table
 
+    from stm.data.clips import TrainClipSpec
     from stm.data.device_clips import DeviceClipDecoder, wait_ready
 
     plans = planned_batches(
         shard_table(4, 40, 340, 256), range(4), batch_size=4, num_chunks=5, flow_length=10,
         crop_size=224,
     )  # fmt: skip
-    cpu = DeviceClipDecoder(224, 10, "cpu")
-    gpu = DeviceClipDecoder(224, 10, device)
+    cpu = DeviceClipDecoder(TrainClipSpec(), "cpu")
+    gpu = DeviceClipDecoder(TrainClipSpec(), device)
     refs = [cpu(p) for p in plans]
     worst = 0
     a = torch.randn(4096, 4096, device=device)

@@ -51,6 +51,7 @@ from bench_data import planned_batches, shard_table, write_shards  # noqa: E402
 
 from stm.data.clips import (  # noqa: E402
     FrameCache,
+    TrainClipSpec,
     batch_rows,
     chunk,
     crop_resize,
@@ -167,19 +168,25 @@ def half_flow_chunk(frames, t: int, idx, box, s: int, flip: bool, flow_out) -> n
     return crop_resize(frames.get(RGB, t), box, s, s, flip).transpose(2, 0, 1)
 
 
+def clip_spec(args) -> TrainClipSpec:
+    """The clip recipe of the command line (--chunks, --flow-length, --crop-size)."""
+    return TrainClipSpec(
+        num_chunks=args.chunks, flow_length=args.flow_length, crop_size=args.crop_size
+    )
+
+
 def staged_epoch(rows, args, rng, frames_of) -> dict[str, float]:
     """Seconds per stage for one clip per video (decode, augment, collate), JPEG count;
     ``frames_of(i, row)``: video i's frame source (FrameCache or a variant)."""
     t_dec = t_aug = t_col = 0.0
     jpegs = 0
     s, num_chunks, length = args.crop_size, args.chunks, args.flow_length
+    spec = clip_spec(args)
     clips = []
     for vi, row in enumerate(rows):
         n, hw = int(row[NUM_FRAMES]), (int(row[HEIGHT]), int(row[WIDTH]))
-        times, box, flip = sample_train_plan(
-            n, lambda _, hw=hw: hw, num_chunks=num_chunks, crop_size=s, rng=rng
-        )
-        idx = [flow_stack_indices(int(t), n - 1, length) for t in times]
+        times, box, flip = sample_train_plan(n, lambda _, hw=hw: hw, spec, rng=rng)
+        idx = flow_stack_indices(times, n - 1, length)  # (T, L)
         need = np.unique(idx)
         t0 = time.perf_counter()
         frames = frames_of(vi, row)
@@ -282,7 +289,7 @@ def gpu_decode(files, videos: int, args) -> None:
     cuda = dev.type == "cuda"
     if not cuda:
         torch.set_num_threads(1)  # a per-core figure, like the other modes
-    decoder = DeviceClipDecoder(args.crop_size, args.flow_length, dev)
+    decoder = DeviceClipDecoder(clip_spec(args), dev)
 
     def plans(epoch: int) -> list:
         """Read the shards as Arrow (no Python conversion of the JPEG lists) and plan every
@@ -415,17 +422,11 @@ def main(argv: list[str] | None = None) -> None:
     if "stages" in args.modes:
         results["jpeg"] = run_staged(rows, read_s, args, "stages (JPEG flow, full decode)")
     if "sampler" in args.modes:
+        spec = clip_spec(args)
         start = time.perf_counter()
         for ep in range(args.epochs):
             for i in range(0, table.num_rows, args.bn_batch):
-                train_batch(
-                    table.slice(i, args.bn_batch),
-                    epoch=ep,
-                    seed=0,
-                    num_chunks=args.chunks,
-                    flow_length=args.flow_length,
-                    crop_size=args.crop_size,
-                )
+                train_batch(table.slice(i, args.bn_batch), spec, epoch=ep, seed=0)
         el = time.perf_counter() - start + parquet_s * args.epochs
         rate = args.epochs * len(rows) * args.chunks / el
         print(

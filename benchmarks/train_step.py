@@ -204,7 +204,7 @@ def make_model(args, device, compiled: bool):
 
 def plain_loop(step_model, opt, batches, args, device, bf16: bool) -> float:
     """Seconds for ``batches``: the minimal accumulated step (no read-back, no metrics)."""
-    from stm.data.clips import to_model_inputs
+    from stm.train.steps import to_model_inputs
 
     _sync(device)
     start = time.perf_counter()
@@ -258,9 +258,11 @@ def time_loops(args, device, compiled: bool, bf16: bool) -> dict[str, float]:
     if args.decode_jpeg:
         from bench_data import planned_batches, shard_table
 
+        from stm.data.clips import TrainClipSpec
         from stm.data.device_clips import DeviceClipDecoder
 
-        decoder = DeviceClipDecoder(args.size, args.flow_length, device)
+        spec = TrainClipSpec(flow_length=args.flow_length, crop_size=args.size)
+        decoder = DeviceClipDecoder(spec, device)
         w, h = (int(x) for x in args.frame_size.split("x"))
         table = shard_table(args.videos, max(40, args.chunks * 8), w, h)
         plans = planned_batches(

@@ -4,7 +4,9 @@
     python jobs/evaluate.py --run-id RUN --data OUT --split 2 --device cuda
 
 Prints the video accuracy of the appearance stream, the motion stream and their fusion (the
-paper's prediction) over the split's test list: 25 frames and their flips, whole frames.
+paper's prediction) over the split's test list: 25 frames and their flips, whole frames; with the
+model's test protocol, then every protocol (--test-pool window|global x --score-fusion
+logits|softmax) from the same forward pass.
 """
 
 from __future__ import annotations
@@ -33,8 +35,12 @@ def main(argv: list[str] | None = None) -> int:
     print(f"model: {loaded.source}")
     print(
         f"split {cfg.split} of {cfg.data}: {result.videos} test videos in "
-        f"{result.seconds:.0f} s; video accuracy: {accs}  (error {100 * (1 - fused):.2f}%)"
+        f"{result.seconds:.0f} s; video accuracy ({result.protocol}): {accs}  "
+        f"(error {100 * (1 - fused):.2f}%)"
     )
+    for name, by_stream in result.protocols.items():  # test pool / score fusion
+        line = "  ".join(f"{k} {v:.1%}" for k, v in by_stream.items())
+        print(f"  test protocol {name}: {line}")
     return 0
 
 

@@ -13,6 +13,7 @@ import pyarrow as pa
 import pytest
 import torch
 
+from stm.config import ModelConfig, TrainConfig, UsageError
 from stm.data import clips as C
 from stm.data.shards import (
     FLOW_U,
@@ -106,56 +107,190 @@ def mean_abs(a: np.ndarray, b: np.ndarray) -> float:
     return float(np.abs(a.astype(np.float32) - b.astype(np.float32)).mean())
 
 
+# --- clip specs -----------------------------------------------------------------------------
+
+
+def train_spec(**changes) -> C.TrainClipSpec:
+    """The paper's training recipe at the tiny crop size of these tests."""
+    return C.TrainClipSpec(crop_size=S, **changes)
+
+
+def test_specs_default_to_the_paper_and_validate():
+    t = C.TrainClipSpec()
+    assert (t.num_chunks, t.flow_length, t.crop_size, t.stride_range) == (5, 10, 224, (5, 35))
+    assert (t.crop, t.flip_prob) == ("jitter", 0.5)
+    v = C.TestClipSpec()
+    assert (v.num_frames, v.flow_length, v.mode, v.crop_size) == (25, 10, "full", 224)
+    assert C.TrainClipSpec(stride_range=[2, 4]).stride_range == (2, 4)  # e.g. from JSON
+    assert hash(t) == hash(C.TrainClipSpec())  # frozen: a value
+    bad = [
+        lambda: C.TrainClipSpec(crop="random"),
+        lambda: C.TrainClipSpec(stride_range=(0, 3)),
+        lambda: C.TrainClipSpec(stride_range=(6, 5)),
+        lambda: C.TrainClipSpec(stride_range=(5,)),
+        lambda: C.TrainClipSpec(num_chunks=0),
+        lambda: C.TrainClipSpec(flow_length=0),
+        lambda: C.TrainClipSpec(flip_prob=1.5),
+        lambda: C.TestClipSpec(mode="center"),
+        lambda: C.TestClipSpec(num_frames=0),
+    ]
+    for make in bad:
+        with pytest.raises(UsageError) as err:
+            make()
+        assert "\n" not in str(err.value)
+    with pytest.raises(UsageError, match="jitter"):
+        C.TrainClipSpec(crop="random")
+
+
+def test_specs_from_a_train_config():
+    cfg = TrainConfig(
+        model=ModelConfig(flow_length=6),
+        stage="motion",
+        num_chunks=3,
+        stride_min=2,
+        stride_max=7,
+        crop_size=48,
+        test_frames=9,
+        test_mode="10crop",
+    )
+    assert C.train_clip_spec(cfg) == C.TrainClipSpec(
+        num_chunks=3, flow_length=6, crop_size=48, stride_range=(2, 7), crop="multiscale"
+    )
+    assert C.test_clip_spec(cfg) == C.TestClipSpec(
+        num_frames=9, flow_length=6, mode="10crop", crop_size=48
+    )
+    assert C.train_clip_spec(TrainConfig()).crop == "jitter"  # the fused and appearance recipe
+
+
 # --- temporal sampling ------------------------------------------------------------------------
+
+
+def test_chunk_time_range_keeps_whole_flow_stacks():
+    assert C.chunk_time_range(N, 10) == (5, N - 6)  # the original's 1-based 6 .. N-5
+    assert C.chunk_time_range(11, 10) == (5, 5)  # 10 flow frames: one full stack
+    assert C.chunk_time_range(10, 10) == (0, 9)  # 9 flow frames: none, the whole video
+    assert C.chunk_time_range(N, 3) == (1, N - 3)  # stack t-1 .. t+1 in flow 0 .. N-2
+    assert C.chunk_time_range(N, 1) == (0, N - 2)  # the last RGB frame has no flow
+    assert C.chunk_time_range(1, 10) == (0, 0)
+    with pytest.raises(ValueError):
+        C.chunk_time_range(0, 10)
 
 
 def test_chunk_times_stride_in_range_and_increasing():
     rng = np.random.default_rng(0)
     strides, starts = [], []
     for _ in range(500):
-        t = C.sample_chunk_times(200, 5, (5, 35), rng=rng)
+        t = C.sample_chunk_times(200, train_spec(), rng=rng)
         assert t.shape == (5,) and t.dtype == np.int64
         d = np.diff(t)
         assert (d == d[0]).all() and 5 <= d[0] <= 35
-        assert t[0] >= 0 and t[-1] <= 199
+        assert t[0] >= 5 and t[-1] <= 194  # whole stacks t-5 .. t+4 of 199 flow frames
         strides.append(d[0])
         starts.append(t[0])
     assert min(strides) <= 7 and max(strides) >= 33  # the whole range is used
     assert len(set(starts)) > 50
+    assert min(starts) == 5  # the first valid centre is drawn too
 
 
 def test_chunk_times_short_videos():
     rng = np.random.default_rng(1)
-    # stride 20 does not fit 30 frames x 5 chunks: the largest stride that fits is 29 // 4 = 7
+    # 30 frames: centres 5 .. 24 (20 of them); stride 20 does not fit 5 chunks: the largest
+    # stride that fits is 19 // 4 = 4
     for _ in range(20):
-        t = C.sample_chunk_times(30, 5, (20, 20), rng=rng)
-        assert (np.diff(t) == 7).all() and t[0] >= 0 and t[-1] <= 29
-    # exactly fits with stride 1
-    assert C.sample_chunk_times(5, 5, (5, 35), rng=rng).tolist() == [0, 1, 2, 3, 4]
-    # fewer frames than chunks: repeated frames, non-decreasing, the whole video used
-    t = C.sample_chunk_times(3, 11, (5, 35), rng=rng)
+        t = C.sample_chunk_times(30, train_spec(stride_range=(20, 20)), rng=rng)
+        assert (np.diff(t) == 4).all() and t[0] >= 5 and t[-1] <= 24
+    # centres 5 .. 9 exactly fit 5 chunks with stride 1
+    assert C.sample_chunk_times(15, train_spec(), rng=rng).tolist() == [5, 6, 7, 8, 9]
+    # fewer centres (5 .. 7) than chunks: repeated frames, non-decreasing, all centres used
+    t = C.sample_chunk_times(13, train_spec(num_chunks=11), rng=rng)
     assert t.shape == (11,) and (np.diff(t) >= 0).all()
+    assert t[0] == 5 and t[-1] == 7 and set(t.tolist()) == {5, 6, 7}
+    # too short for any whole stack: the whole video, as before
+    t = C.sample_chunk_times(3, train_spec(num_chunks=11), rng=rng)
     assert t[0] == 0 and t[-1] == 2 and set(t.tolist()) == {0, 1, 2}
-    assert C.sample_chunk_times(1, 5, rng=rng).tolist() == [0] * 5
-    one = C.sample_chunk_times(10, 1, rng=rng)
-    assert one.shape == (1,) and 0 <= one[0] <= 9
+    assert C.sample_chunk_times(1, train_spec(), rng=rng).tolist() == [0] * 5
+    one = C.sample_chunk_times(40, train_spec(num_chunks=1), rng=rng)
+    assert one.shape == (1,) and 5 <= one[0] <= 34
 
 
 def test_flow_stack_indices_centred_and_clamped():
-    assert C.flow_stack_indices(20, 39).tolist() == list(range(15, 25))  # t-5 .. t+4
-    assert C.flow_stack_indices(2, 39).tolist() == [0, 0, 0, 0, 1, 2, 3, 4, 5, 6]
-    assert C.flow_stack_indices(36, 39).tolist() == [31, 32, 33, 34, 35, 36, 37, 38, 38, 38]
-    assert C.flow_stack_indices(39, 39).tolist() == [34, 35, 36, 37, 38, 38, 38, 38, 38, 38]
-    assert C.flow_stack_indices(3, 1).tolist() == [0] * 10
-    assert C.flow_stack_indices(10, 39, flow_length=4).tolist() == [8, 9, 10, 11]
+    assert C.flow_stack_indices(20, 39, L).tolist() == list(range(15, 25))  # t-5 .. t+4
+    assert C.flow_stack_indices(2, 39, L).tolist() == [0, 0, 0, 0, 1, 2, 3, 4, 5, 6]
+    assert C.flow_stack_indices(36, 39, L).tolist() == [31, 32, 33, 34, 35, 36, 37, 38, 38, 38]
+    assert C.flow_stack_indices(3, 1, L).tolist() == [0] * 10
+    assert C.flow_stack_indices(10, 39, 4).tolist() == [8, 9, 10, 11]
+    assert C.flow_stack_indices(10, 39, 3).tolist() == [9, 10, 11]  # odd L: t-1 .. t+1
+    many = C.flow_stack_indices(np.array([5, 20]), 39, L)  # (T, L) for an array of centres
+    assert many.shape == (2, L) and many[1].tolist() == list(range(15, 25))
     with pytest.raises(ValueError):
-        C.flow_stack_indices(0, 0)
+        C.flow_stack_indices(0, 0, L)
 
 
-def test_test_chunk_times_uniform():
-    t = C.test_chunk_times(N, 25)
-    assert t.tolist() == np.round(np.linspace(0, N - 1, 25)).astype(int).tolist()
-    assert t[0] == 0 and t[-1] == N - 1
+def test_test_chunk_times_uniform_over_whole_stacks():
+    t = C.test_chunk_times(N, C.TestClipSpec())
+    assert t.tolist() == np.round(np.linspace(5, N - 6, 25)).astype(int).tolist()
+    assert t[0] == 5 and t[-1] == N - 6
+    assert C.test_chunk_times(N, C.TestClipSpec(flow_length=3, num_frames=3)).tolist() == [
+        1,
+        19,
+        37,
+    ]
+    assert C.test_chunk_times(6, C.TestClipSpec(num_frames=3)).tolist() == [0, 2, 5]  # too short
+
+
+def _assert_whole_stacks(times: np.ndarray, n: int, length: int) -> None:
+    """Every chunk's stack is flow frames t - L//2 .. t - L//2 + L - 1, none clamped."""
+    stacks = C.flow_stack_indices(times, n - 1, length)  # (T, L)
+    expected = times[:, None] - length // 2 + np.arange(length)
+    np.testing.assert_array_equal(stacks, expected)
+    assert stacks.min() >= 0 and stacks.max() <= n - 2
+
+
+@pytest.mark.parametrize("length", [1, 2, 3, 9, 10])
+def test_no_stack_repeats_a_flow_frame_in_videos_longer_than_a_stack(length):
+    """Train and test chunk centres keep the whole stack inside the video, from the shortest
+    video that has one (N - 1 = L flow frames) up, for odd and even L."""
+    rng = np.random.default_rng(length)
+    for n in (length + 1, length + 2, length + 6, 40, 301):
+        for chunks, strides in ((1, (5, 35)), (5, (5, 35)), (5, (1, 1)), (11, (35, 35))):
+            spec = train_spec(num_chunks=chunks, flow_length=length, stride_range=strides)
+            for _ in range(30):
+                _assert_whole_stacks(C.sample_chunk_times(n, spec, rng=rng), n, length)
+        for frames in (1, 3, 25):
+            spec = C.TestClipSpec(num_frames=frames, flow_length=length)
+            _assert_whole_stacks(C.test_chunk_times(n, spec), n, length)
+
+
+def _flow_read_back(flow: np.ndarray, length: int) -> list[list[int]]:
+    """The flow frame indices of each chunk of a level video's (T, 2L, H', W') flow."""
+    return [[read_index(c[2 * k].mean(), u_level) for k in range(length)] for c in flow]
+
+
+@pytest.mark.parametrize("length", [3, 10])
+def test_clips_of_the_shortest_valid_video_repeat_no_flow_frame(length):
+    row = level_row(n=length + 1)  # one whole stack: flow frames 0 .. L-1, centre L // 2
+    whole = list(range(length))
+    for seed in range(4):
+        spec = train_spec(flow_length=length, flip_prob=0.0)
+        out = C.train_clip(row, spec, rng=np.random.default_rng(seed))
+        assert out["times"].tolist() == [length // 2] * 5
+        assert _flow_read_back(out["flow"], length) == [whole] * 5
+    test = C.test_clip(row, C.TestClipSpec(num_frames=4, flow_length=length))
+    assert test["flow"].shape == (2, 4, 2 * length, H, W)
+    assert _flow_read_back(test["flow"][0], length) == [whole] * 4
+
+
+def test_videos_too_short_for_a_stack_are_clamped_with_clips_of_the_right_shape():
+    for n in (2, 5, L):  # 1 .. L-1 flow frames
+        row = level_row(n=n)
+        out = C.train_clip(row, train_spec(flip_prob=0.0), rng=np.random.default_rng(n))
+        assert out["rgb"].shape == (5, 3, S, S) and out["flow"].shape == (5, 2 * L, S, S)
+        assert out["times"].min() >= 0 and out["times"].max() <= n - 1
+        for t, read in zip(out["times"], _flow_read_back(out["flow"], L)):
+            assert read == np.clip(np.arange(t - 5, t + 5), 0, n - 2).tolist()
+        test = C.test_clip(row, C.TestClipSpec(num_frames=25))
+        assert test["rgb"].shape == (2, 25, 3, H, W) and test["flow"].shape == (2, 25, 2 * L, H, W)
+        assert test["times"].tolist() == np.round(np.linspace(0, n - 1, 25)).astype(int).tolist()
 
 
 # --- crop boxes -------------------------------------------------------------------------------
@@ -205,7 +340,7 @@ def test_multiscale_corner_box():
 def test_train_clip_samples_frames_and_interleaved_flow_stacks():
     row = level_row()
     for seed in range(5):
-        out = C.train_clip(row, crop_size=S, flip_prob=0.0, rng=np.random.default_rng(seed))
+        out = C.train_clip(row, train_spec(flip_prob=0.0), rng=np.random.default_rng(seed))
         assert out["rgb"].shape == (5, 3, S, S) and out["rgb"].dtype == np.uint8
         assert out["flow"].shape == (5, 2 * L, S, S) and out["flow"].dtype == np.uint8
         assert out["label"] == 3
@@ -213,42 +348,25 @@ def test_train_clip_samples_frames_and_interleaved_flow_stacks():
             # RGB order: channel 0 is red (R = 10 + 5 i), channel 2 blue (250 - 5 i)
             assert read_index(out["rgb"][i, 0].mean(), rgb_level) == t
             assert read_index(out["rgb"][i, 2].mean(), lambda j: 250 - 5 * j) == t
-            expected = C.flow_stack_indices(int(t), N - 1)
+            expected = C.flow_stack_indices(int(t), N - 1, L)
             u = [read_index(out["flow"][i, 2 * k].mean(), u_level) for k in range(L)]
             v = [read_index(out["flow"][i, 2 * k + 1].mean(), v_level) for k in range(L)]
             assert u == expected.tolist() and v == expected.tolist()
 
 
-def test_train_clip_flow_stack_clamped_at_video_ends():
-    row = level_row()
-    out = C.train_clip(
-        row,
-        crop_size=S,
-        num_chunks=5,
-        stride_range=(9, 9),
-        flip_prob=0.0,
-        rng=np.random.default_rng(0),
-    )
-    # 40 frames, 5 chunks, stride 9: span 37, start in 0..3; both ends get clamped stacks
-    t0 = int(out["times"][0])
-    u0 = [read_index(out["flow"][0, 2 * k].mean(), u_level) for k in range(L)]
-    assert u0 == np.clip(np.arange(t0 - 5, t0 + 5), 0, N - 2).tolist()
-    assert u0[0] == 0
-
-
 def test_train_clip_flip_mirrors_and_inverts_u_only():
     row = texture_row()
     for crop in ("jitter", "multiscale"):
-        a = C.train_clip(row, crop_size=S, crop=crop, flip_prob=0.0, rng=np.random.default_rng(7))
-        b = C.train_clip(row, crop_size=S, crop=crop, flip_prob=1.0, rng=np.random.default_rng(7))
+        a = C.train_clip(row, train_spec(crop=crop, flip_prob=0.0), rng=np.random.default_rng(7))
+        b = C.train_clip(row, train_spec(crop=crop, flip_prob=1.0), rng=np.random.default_rng(7))
         assert not a["flip"] and b["flip"] and a["box"] == b["box"]
         np.testing.assert_array_equal(b["rgb"], a["rgb"][..., ::-1])
         np.testing.assert_array_equal(b["flow"][:, 0::2], 255 - a["flow"][:, 0::2][..., ::-1])
         np.testing.assert_array_equal(b["flow"][:, 1::2], a["flow"][:, 1::2][..., ::-1])
     # on level videos: flipped u reads as 255 - u, v unchanged
-    out = C.train_clip(level_row(), crop_size=S, flip_prob=1.0, rng=np.random.default_rng(0))
+    out = C.train_clip(level_row(), train_spec(flip_prob=1.0), rng=np.random.default_rng(0))
     t = int(out["times"][2])
-    idx = C.flow_stack_indices(t, N - 1)
+    idx = C.flow_stack_indices(t, N - 1, L)
     u = [read_index(out["flow"][2, 2 * k].mean(), lambda j: 255 - u_level(j)) for k in range(L)]
     v = [read_index(out["flow"][2, 2 * k + 1].mean(), v_level) for k in range(L)]
     assert u == idx.tolist() and v == idx.tolist()
@@ -260,7 +378,7 @@ def test_train_clip_same_crop_for_both_streams_and_all_chunks(crop):
     tex = _texture()
     flips = set()
     for seed in range(12):
-        out = C.train_clip(row, crop_size=S, crop=crop, rng=np.random.default_rng(seed))
+        out = C.train_clip(row, train_spec(crop=crop), rng=np.random.default_rng(seed))
         flips.add(out["flip"])
         box = out["box"]
         # the expected view from the (uncompressed) texture and the reported box
@@ -294,17 +412,12 @@ def test_train_clip_decodes_only_needed_jpegs():
     row = level_row()
     for col in (RGB, FLOW_U, FLOW_V):
         row[col] = Recorder(row[col])
-    out = C.train_clip(row, crop_size=S, rng=np.random.default_rng(0))
+    out = C.train_clip(row, train_spec(), rng=np.random.default_rng(0))
     times = out["times"].tolist()
-    stacks = {int(f) for t in times for f in C.flow_stack_indices(t, N - 1)}
+    stacks = {int(f) for t in times for f in C.flow_stack_indices(t, N - 1, L)}
     assert set(row[RGB].seen) == set(times) and len(row[RGB].seen) == len(set(times))
     assert set(row[FLOW_U].seen) == stacks and len(row[FLOW_U].seen) == len(stacks)
     assert set(row[FLOW_V].seen) == stacks
-
-
-def test_train_clip_rejects_unknown_crop():
-    with pytest.raises(ValueError, match="jitter"):
-        C.train_clip(level_row(), crop="random", rng=np.random.default_rng(0))
 
 
 def _noise_row(n: int = 12) -> dict:
@@ -331,7 +444,7 @@ def test_chunk_flow_stack_matches_per_plane_reference(box, out, flip):
     INTER_LINEAR resize, mirror, u -> 255 - u on a flip), into a given array or a new one."""
     row = _noise_row()
     frames = C.FrameCache(row)
-    idx = C.flow_stack_indices(6, row[NUM_FRAMES] - 1)  # clamped at the end: 1 .. 10
+    idx = C.flow_stack_indices(6, row[NUM_FRAMES] - 1, L)  # clamped at the end: 1 .. 10
     out_h, out_w = out
     rgb, flow = C.chunk(frames, 6, idx, box, out_h, out_w, flip)
     assert rgb.shape == (3, out_h, out_w) and flow.shape == (2 * L, out_h, out_w)
@@ -359,17 +472,17 @@ def test_chunk_flow_stack_matches_per_plane_reference(box, out, flip):
 
 
 def test_test_clip_full_frame_and_flip():
-    out = C.test_clip(level_row(), mode="full")
+    out = C.test_clip(level_row(), C.TestClipSpec(mode="full"))
     assert out["rgb"].shape == (2, 25, 3, H, W) and out["rgb"].dtype == np.uint8
     assert out["flow"].shape == (2, 25, 2 * L, H, W)
     assert out["label"] == 3
-    times = np.round(np.linspace(0, N - 1, 25)).astype(int)
+    times = np.round(np.linspace(5, N - 6, 25)).astype(int)  # centres with whole stacks
     assert out["times"].tolist() == times.tolist()
     for i, t in enumerate(times):
         assert read_index(out["rgb"][0, i, 0].mean(), rgb_level) == t
         u = [read_index(out["flow"][0, i, 2 * k].mean(), u_level) for k in range(L)]
-        assert u == C.flow_stack_indices(int(t), N - 1).tolist()
-    tex_out = C.test_clip(texture_row(), num_frames=4, mode="full")
+        assert u == C.flow_stack_indices(int(t), N - 1, L).tolist()
+    tex_out = C.test_clip(texture_row(), C.TestClipSpec(num_frames=4, mode="full"))
     r, f = tex_out["rgb"], tex_out["flow"]
     np.testing.assert_array_equal(r[1], r[0][..., ::-1])
     np.testing.assert_array_equal(f[1, :, 0::2], 255 - f[0, :, 0::2][..., ::-1])
@@ -378,24 +491,24 @@ def test_test_clip_full_frame_and_flip():
 
 
 def test_test_clip_ten_crop():
-    out = C.test_clip(texture_row(), num_frames=3, mode="10crop", crop_size=S)
+    out = C.test_clip(texture_row(), C.TestClipSpec(num_frames=3, mode="10crop", crop_size=S))
     r, f = out["rgb"], out["flow"]
     assert r.shape == (10, 3, 3, S, S) and f.shape == (10, 3, 2 * L, S, S)
-    full = C.test_clip(texture_row(), num_frames=3, mode="full")["rgb"][0]  # (T, 3, H, W)
+    full = C.test_clip(texture_row(), C.TestClipSpec(num_frames=3))["rgb"][0]  # (T, 3, H, W)
     corners = [(0, 0), (0, W - S), (H - S, 0), (H - S, W - S), ((H - S) // 2, (W - S) // 2)]
     for v, (y, x) in enumerate(corners):
         np.testing.assert_array_equal(r[v], full[..., y : y + S, x : x + S])
         np.testing.assert_array_equal(r[v + 5], r[v][..., ::-1])
         np.testing.assert_array_equal(f[v + 5, :, 0::2], 255 - f[v, :, 0::2][..., ::-1])
         np.testing.assert_array_equal(f[v + 5, :, 1::2], f[v, :, 1::2][..., ::-1])
-    with pytest.raises(ValueError, match="full"):
-        C.test_clip(texture_row(), mode="center")
 
 
 # --- model inputs -----------------------------------------------------------------------------
 
 
 def test_to_model_inputs():
+    from stm.train.steps import to_model_inputs
+
     rgb = torch.zeros(2, 5, 3, 4, 4, dtype=torch.uint8)
     rgb[:, :, 0] = 255
     rgb[:, :, 1] = 0
@@ -403,7 +516,7 @@ def test_to_model_inputs():
     flow = torch.full((2, 5, 2 * L, 4, 4), 128, dtype=torch.uint8)
     flow[..., 0, 0] = 0
     flow[..., 0, 1] = 255
-    r, f = C.to_model_inputs(rgb, flow)
+    r, f = to_model_inputs(rgb, flow)
     assert r.dtype == torch.float32 and f.dtype == torch.float32
     assert r.shape == rgb.shape and f.shape == flow.shape
     torch.testing.assert_close(r[:, :, 0], torch.full_like(r[:, :, 0], (1 - 0.485) / 0.229))
@@ -412,7 +525,7 @@ def test_to_model_inputs():
     assert (f[..., 1:, :] == 0).all() and (f[..., 0, 2:] == 0).all()
     assert (f[..., 0, 0] == -128).all() and (f[..., 0, 1] == 127).all()
     # any leading dims: a single chunk
-    r1, f1 = C.to_model_inputs(rgb[0, 0], flow[0, 0])
+    r1, f1 = to_model_inputs(rgb[0, 0], flow[0, 0])
     torch.testing.assert_close(r1, r[0, 0])
     torch.testing.assert_close(f1, f[0, 0])
 
@@ -437,13 +550,13 @@ def _numpy_batch(rows: list[dict]) -> dict[str, np.ndarray]:
 def test_train_clip_sampler_batch_reproducible_per_video_and_epoch():
     rows = [level_row(video_id="x/one", label=2), level_row(n=30, video_id="x/two", label=5)]
     batch = _numpy_batch(rows)
-    sampler = C.TrainClipSampler(epoch=0, seed=11, crop_size=S)
+    sampler = C.TrainClipSampler(train_spec(), epoch=0, seed=11)
     out = sampler(batch)
     assert out["rgb"].shape == (2, 5, 3, S, S) and out["rgb"].dtype == np.uint8
     assert out["flow"].shape == (2, 5, 2 * L, S, S) and out["flow"].dtype == np.uint8
     assert out["label"].dtype == np.int64 and out["label"].tolist() == [2, 5]
     # reproducible, and independent of which other videos share the batch
-    again = C.TrainClipSampler(epoch=0, seed=11, crop_size=S)(_numpy_batch(rows[1:]))
+    again = C.TrainClipSampler(train_spec(), epoch=0, seed=11)(_numpy_batch(rows[1:]))
     np.testing.assert_array_equal(again["rgb"][0], out["rgb"][1])
     np.testing.assert_array_equal(again["flow"][0], out["flow"][1])
     # a pyarrow table gives the same result
@@ -455,11 +568,11 @@ def test_train_clip_sampler_batch_reproducible_per_video_and_epoch():
         return [read_index(o["rgb"][b, 0, 0].mean(), rgb_level) for b in range(2)]
 
     epochs = {
-        tuple(first_times(C.train_batch(batch, epoch=e, seed=11, crop_size=S))) for e in range(6)
+        tuple(first_times(C.train_batch(batch, train_spec(), epoch=e, seed=11))) for e in range(6)
     }
     assert len(epochs) > 1
     # seed=None: fresh randomness on every call
-    fresh = {tuple(first_times(C.train_batch(batch, seed=None, crop_size=S))) for _ in range(6)}
+    fresh = {tuple(first_times(C.train_batch(batch, train_spec(), seed=None))) for _ in range(6)}
     assert len(fresh) > 1
 
 
@@ -473,13 +586,14 @@ def test_arrow_batches_read_only_needed_jpegs_and_match_numpy_batches():
     assert [r[NUM_FRAMES] for r in arrow_rows] == [N, 30]
     assert not isinstance(arrow_rows[0][RGB], list) and len(arrow_rows[1][FLOW_U]) == 29
     assert bytes(arrow_rows[1][FLOW_V][7]) == rows[1][FLOW_V][7]
-    expected = C.train_batch(_numpy_batch(rows), epoch=1, seed=3, crop_size=S)
+    expected = C.train_batch(_numpy_batch(rows), train_spec(), epoch=1, seed=3)
     for batch in (table, table.to_batches()[0]):
-        got = C.train_batch(batch, epoch=1, seed=3, crop_size=S)
+        got = C.train_batch(batch, train_spec(), epoch=1, seed=3)
         for k in expected:
             np.testing.assert_array_equal(got[k], expected[k])
-    expected = C.test_batch(_numpy_batch(rows), num_frames=3, mode="10crop", crop_size=S)
-    got = C.test_batch(table, num_frames=3, mode="10crop", crop_size=S)
+    ten_crop = C.TestClipSpec(num_frames=3, mode="10crop", crop_size=S)
+    expected = C.test_batch(_numpy_batch(rows), ten_crop)
+    got = C.test_batch(table, ten_crop)
     for k in expected:
         np.testing.assert_array_equal(got[k], expected[k])
 
@@ -504,7 +618,7 @@ def test_shard_files_old_and_new_compression_give_the_same_clips(tmp_path):
     assert codecs[f"{FLOW_U}.list.element"] == codecs[f"{FLOW_V}.list.element"] == "UNCOMPRESSED"
     assert codecs[VIDEO_ID] == codecs[LABEL] == "ZSTD"
     new, old = (
-        C.train_batch(pq.read_table(tmp_path / f), epoch=0, seed=1, crop_size=S)
+        C.train_batch(pq.read_table(tmp_path / f), train_spec(), epoch=0, seed=1)
         for f in ("new.parquet", "old.parquet")
     )
     for k in new:
@@ -513,9 +627,10 @@ def test_shard_files_old_and_new_compression_give_the_same_clips(tmp_path):
 
 def test_test_clip_sampler_batch():
     rows = [level_row(video_id="x/one", label=2), level_row(video_id="x/two", label=4)]
-    out = C.TestClipSampler(num_frames=5, mode="10crop", crop_size=S)(_numpy_batch(rows))
+    ten_crop = C.TestClipSpec(num_frames=5, mode="10crop", crop_size=S)
+    out = C.TestClipSampler(ten_crop)(_numpy_batch(rows))
     assert out["rgb"].shape == (2, 10, 5, 3, S, S)
     assert out["flow"].shape == (2, 10, 5, 2 * L, S, S)
     assert out["label"].tolist() == [2, 4] and out["label"].dtype == np.int64
-    full = C.TestClipSampler(num_frames=5)(_numpy_batch(rows))
+    full = C.TestClipSampler(C.TestClipSpec(num_frames=5))(_numpy_batch(rows))
     assert full["rgb"].shape == (2, 2, 5, 3, H, W)

@@ -56,14 +56,20 @@ def textured_row(seed: int, n: int, with_size: bool = True) -> dict:
 
 @pytest.fixture(scope="module")
 def table() -> pa.Table:
-    return pa.Table.from_pylist([textured_row(s, n) for s, n in ((0, 30), (1, 90), (2, 12))])
+    # the last video has 5 flow frames, too few for a whole stack: clamped on both paths
+    videos = ((0, 30), (1, 90), (2, 12), (3, 6))
+    return pa.Table.from_pylist([textured_row(s, n) for s, n in videos])
+
+
+def spec(**changes) -> C.TrainClipSpec:
+    return C.TrainClipSpec(crop_size=32, **changes)
 
 
 @pytest.mark.parametrize("crop,size", [("jitter", 32), ("multiscale", 48), ("jitter", 64)])
 def test_device_decode_gives_the_cpu_clips(table, crop, size):
-    kwargs = dict(epoch=3, seed=7, num_chunks=5, crop_size=size, crop=crop)
-    cpu = C.train_batch(table, **kwargs)
-    got = DeviceClipDecoder(size, L, "cpu")(plan_train_batch(table, **kwargs))
+    recipe = C.TrainClipSpec(num_chunks=5, crop_size=size, crop=crop)
+    cpu = C.train_batch(table, recipe, epoch=3, seed=7)
+    got = DeviceClipDecoder(recipe, "cpu")(plan_train_batch(table, recipe, epoch=3, seed=7))
     assert got["rgb"].dtype == got["flow"].dtype == torch.uint8
     assert got["rgb"].shape == cpu["rgb"].shape and got["flow"].shape == cpu["flow"].shape
     assert got["label"].tolist() == cpu["label"].tolist()
@@ -77,16 +83,16 @@ def test_flips_happen_and_match(table):
     """Across epochs both flip states occur, and flipped clips (u inverted) still match."""
     flips = set()
     for epoch in range(6):
-        plan = plan_train_batch(table, epoch=epoch, seed=1, crop_size=32)
+        plan = plan_train_batch(table, spec(), epoch=epoch, seed=1)
         flips.update(plan.column("flip").to_pylist())
-        cpu = C.train_batch(table, epoch=epoch, seed=1, crop_size=32)
-        got = DeviceClipDecoder(32, L, "cpu")(plan)
+        cpu = C.train_batch(table, spec(), epoch=epoch, seed=1)
+        got = DeviceClipDecoder(spec(), "cpu")(plan)
         assert np.abs(got["flow"].numpy().astype(int) - cpu["flow"].astype(int)).max() <= 1
     assert flips == {True, False}
 
 
 def test_plan_ships_each_needed_flow_frame_once(table):
-    plan = plan_train_batch(table, epoch=0, seed=0, num_chunks=5, crop_size=32)
+    plan = plan_train_batch(table, spec(), epoch=0, seed=0)
     assert plan.schema.equals(PLAN_SCHEMA)
     rgb = plan.column(RGB_JPEG).to_pylist()
     flow = plan.column(FLOW_JPEG).to_pylist()
@@ -103,29 +109,46 @@ def test_plan_ships_each_needed_flow_frame_once(table):
     assert len(flow[2]) <= 2 * 11
 
 
+@pytest.mark.parametrize("length", [3, 10])
+def test_planned_stacks_are_whole_in_videos_longer_than_a_stack(table, length):
+    """Wherever a video has a whole stack, each chunk's stack is L consecutive flow frames (the
+    plan ships the distinct frames sorted, so its indices count up by one); only a video with
+    fewer than L flow frames repeats one."""
+    sizes = table.column(NUM_FRAMES).to_pylist()
+    for epoch in range(4):
+        plan = plan_train_batch(table, spec(flow_length=length), epoch=epoch, seed=3)
+        for n, index in zip(sizes, plan.column(FLOW_INDEX).to_pylist()):
+            stacks = np.array(index).reshape(-1, length)  # (T, L) into the distinct frames
+            if n - 1 >= length:
+                assert (np.diff(stacks, axis=1) == 1).all(), (n, stacks)
+            else:
+                assert (np.diff(stacks, axis=1) == 0).any()  # clamped: a repeated frame
+
+
 def test_size_from_columns_or_from_the_frame():
     """Rows without the height / width columns plan the same clips (size read from a frame)."""
     row = textured_row(4, 40)
     bare = {k: v for k, v in row.items() if k not in (HEIGHT, WIDTH)}
-    a = plan_train_batch(pa.Table.from_pylist([row]), epoch=1, seed=2, crop_size=32)
-    b = plan_train_batch(pa.Table.from_pylist([bare]), epoch=1, seed=2, crop_size=32)
+    a = plan_train_batch(pa.Table.from_pylist([row]), spec(), epoch=1, seed=2)
+    b = plan_train_batch(pa.Table.from_pylist([bare]), spec(), epoch=1, seed=2)
     assert a.equals(b)
 
 
 def test_sliced_and_chunked_batches_decode_like_whole_ones(table):
     """Ray hands over slices of bigger tables and multi-chunk tables: offsets must hold."""
-    plan = TrainPlanSampler(epoch=0, seed=5, crop_size=32)(table)
-    whole = DeviceClipDecoder(32, L, "cpu")(plan)
-    chunked = pa.concat_tables([plan.slice(0, 1), plan.slice(1, 2)])
+    plan = TrainPlanSampler(spec(), epoch=0, seed=5)(table)
+    decoder = DeviceClipDecoder(spec(), "cpu")
+    whole = decoder(plan)
+    chunked = pa.concat_tables([plan.slice(0, 1), plan.slice(1)])
     assert chunked.column(RGB_JPEG).num_chunks == 2
-    part = DeviceClipDecoder(32, L, "cpu")(plan.slice(1, 2))
+    part = decoder(plan.slice(1, 2))
     for k in ("rgb", "flow", "label"):
-        assert torch.equal(DeviceClipDecoder(32, L, "cpu")(chunked)[k], whole[k])
-        assert torch.equal(part[k], whole[k][1:])
+        assert torch.equal(decoder(chunked)[k], whole[k])
+        assert torch.equal(part[k], whole[k][1:3])
 
 
 def test_empty_selection_plans_an_empty_typed_table(table):
-    plan = plan_train_batch(table.slice(0, 0), crop_size=32)
+    plan = plan_train_batch(table.slice(0, 0), spec())
     assert plan.num_rows == 0 and plan.schema.equals(PLAN_SCHEMA)
     with pytest.raises(ValueError, match="empty"):
-        DeviceClipDecoder(32, L, "cpu")(plan)
+        DeviceClipDecoder(spec(), "cpu")(plan)

@@ -256,9 +256,9 @@ def test_resume_after_the_job_is_killed_continues_epoch_and_lr(synthetic, tmp_pa
     ],
 )
 def test_bad_input_is_one_line_and_exit_2(synthetic, tmp_path, flags, message):
-    args = list(flags)
+    args = [*flags, "--init", "scratch"]
     if "--data" not in args:
-        args = ["--data", synthetic, "--init", "scratch", *args]
+        args = ["--data", synthetic, *args]
     proc = subprocess.run(
         [sys.executable, str(ROOT / "jobs" / "train.py"), *args],
         cwd=tmp_path,
@@ -274,3 +274,75 @@ def test_bad_input_is_one_line_and_exit_2(synthetic, tmp_path, flags, message):
 def test_classes_file_matches_labels(synthetic):
     classes = json.loads((Path(synthetic) / "classes.json").read_text())
     assert len(classes) == 6
+
+
+def _readme_stage_commands() -> list[list[str]]:
+    """The README's three ``python jobs/train.py --data data/ucf101 --stage ...`` commands."""
+    import shlex
+
+    text = (ROOT / "README.md").read_text().replace("\\\n", " ")
+    lines = [ln for ln in text.splitlines() if ln.startswith("python jobs/train.py --data data/")]
+    return [shlex.split(ln.split("#")[0])[2:] for ln in lines]
+
+
+def test_readme_stage_commands_run_as_written(synthetic, tmp_path, capsys):
+    """The README's appearance, motion and fused commands, at small sizes (flags appended): the
+    streams train alone (no fusion, no temporal filters, one chunk per video, from ImageNet);
+    the fused stage starts from the two stream runs, and its init tag says so."""
+    import importlib.util
+    import re
+
+    from torchvision import models
+
+    from stm.model.imagenet import weight_file_names
+
+    weights = tmp_path / "imagenet"  # stands in for torchvision's ImageNet file (no download)
+    weights.mkdir()
+    torch.save(
+        models.resnet18(weights=None).state_dict(), weights / weight_file_names("resnet18")[0]
+    )
+    spec = importlib.util.spec_from_file_location("train_job", ROOT / "jobs" / "train.py")
+    job = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(job)
+    small = [
+        *("--appearance-arch", "resnet18", "--motion-arch", "resnet18", "--num-workers", "1"),
+        *("--gpus-per-worker", "0", "--cpus-per-worker", "0.5", "--epochs", "1"),
+        *("--batch-size", "4", "--bn-batch", "4", "--crop-size", "48", "--test-frames", "3"),
+        *("--stride-min", "2", "--stride-max", "4", "--imagenet-dir", str(weights)),
+        *("--storage-path", str(tmp_path / "runs"), "--mlflow-uri", f"sqlite:///{tmp_path}/m.db"),
+    ]
+    commands = _readme_stage_commands()
+    assert [c[c.index("--stage") + 1] for c in commands] == ["appearance", "motion", "fused"]
+    ids: dict[str, str] = {}
+    for args in commands:
+        stage = args[args.index("--stage") + 1]
+        args = [synthetic if a == "data/ucf101" else a for a in args]
+        args = [ids.get(a, a) for a in args]  # RUN_ID_A / RUN_ID_M: the stream runs
+        extra = ["--num-chunks", "2"] if stage == "fused" else []
+        assert job.main([*args, *small, *extra]) == 0
+        out = capsys.readouterr().out
+        run_id = re.search(r"^run \S+ \((\w+)\)", out, re.M).group(1)
+        ids["RUN_ID_A" if stage == "appearance" else "RUN_ID_M"] = run_id
+        ids[stage] = run_id
+    client = mlflow_client_at(f"sqlite:///{tmp_path}/m.db")
+    for stage in ("appearance", "motion"):
+        run = client.get_run(ids[stage])
+        params = run.data.params
+        assert (params["model.fusion"], params["model.temporal"], params["num_chunks"]) == (
+            "none",
+            "none",
+            "1",
+        )
+        assert run.data.tags["init"] == "ImageNet" and float(params["lr"]) == 0.01
+    fused = client.get_run(ids["fused"])
+    assert (
+        fused.data.tags["init"]
+        == f"appearance from {ids['appearance']}, motion from {ids['motion']}"
+    )
+    assert fused.data.params["model.fusion"] == "residual_mul"
+
+
+def mlflow_client_at(uri: str):
+    from mlflow.tracking import MlflowClient
+
+    return MlflowClient(tracking_uri=uri)

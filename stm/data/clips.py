@@ -1,17 +1,19 @@
 """Train and test clip sampling from preprocessed videos (one Parquet row per video).
 
 A clip is T temporal chunks of one video. Chunk i is RGB frame ``t_i`` (3 channels) for the
-appearance stream and the stack of L optical-flow frames ``t_i - L/2 .. t_i + L/2 - 1`` for the
-motion stream, with u and v interleaved (2L channels: u_0, v_0, u_1, v_1, ...).
+appearance stream and the stack of L optical-flow frames ``t_i - L//2 .. t_i - L//2 + L - 1`` for
+the motion stream, with u and v interleaved (2L channels: u_0, v_0, u_1, v_1, ...). Chunk centres
+lie where that whole stack exists (:func:`chunk_time_range`), as in the original code.
 
 Training (Feichtenhofer, Pinz, Wildes, CVPR 2017, Sec. 4.1): T=5 chunks with one random temporal
 stride in [5, 35] per video and epoch; one crop box and one horizontal flip per video, shared by
 both streams and all chunks, so that the cross-stream gates and the temporal filters see aligned
 inputs. Testing (Sec. 4.2): 25 uniformly spaced chunks, the whole frame and its flip (or the
-10-crop protocol), scored fully convolutionally.
+10-crop protocol), scored fully convolutionally. Each recipe is one frozen value,
+:class:`TrainClipSpec` / :class:`TestClipSpec`, built from a run's config once.
 
 Only the JPEGs a clip needs are decoded; outputs stay uint8 (4x less to ship between Ray workers
-and to the GPU) and become float on the device with :func:`to_model_inputs`.
+and to the GPU) and become float on the device with :func:`stm.train.steps.to_model_inputs`.
 
 Everything here is plain numpy / OpenCV / torch: it runs inside Ray Data workers but imports no Ray.
 Randomness comes from an explicit ``numpy.random.Generator``.
@@ -19,19 +21,19 @@ Randomness comes from an explicit ``numpy.random.Generator``.
 
 from __future__ import annotations
 
-import functools
 import logging
+import typing
 import zlib
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from typing import Any, NamedTuple
+from dataclasses import dataclass
+from typing import Any, Literal, NamedTuple
 
 import cv2
 import numpy as np
 import pyarrow as pa
-import torch
 
+from stm.config import TEST_MODES, TestMode, TrainConfig, UsageError, check_choice
 from stm.data.shards import (
-    FLOW_CENTER,
     FLOW_U,
     FLOW_V,
     HEIGHT,
@@ -46,13 +48,6 @@ from stm.data.shards import (
 logger = logging.getLogger(__name__)
 
 # --- constants (paper Sec. 4.1 / 4.2 and the ImageNet-pretrained ResNets it starts from) -------
-IMAGENET_MEAN = (0.485, 0.456, 0.406)  # torchvision ImageNet weights expect these (RGB order)
-IMAGENET_STD = (0.229, 0.224, 0.225)
-DEFAULT_STRIDE_RANGE = (5, 35)  # "random temporal stride between 5 and 35 frames" (Sec. 4.1)
-DEFAULT_NUM_CHUNKS = 5  # "we sample 5 inputs from a video" (Sec. 4.1)
-DEFAULT_FLOW_LENGTH = 10  # "optical flow stacks with L = 10 frames" (Sec. 4.1)
-DEFAULT_CROP_SIZE = 224
-DEFAULT_TEST_FRAMES = 25  # "sampling 25 frames (and their horizontal flips)" (Sec. 4.2)
 # Motion-stream crops: "W, H in {256, 224, 192, 168}, followed by resizing to 224x224" (Sec. 4.1);
 # scaled by crop_size / 224 for other crop sizes.
 MULTISCALE_SIZES = (256, 224, 192, 168)
@@ -65,8 +60,89 @@ JITTER_POSITIONS = tuple((fy, fx) for fy in (0.0, 0.5, 1.0) for fx in (0.0, 0.5,
 # Multiscale: "randomly cropping from the borders and centre": the 4 corners and the centre.
 CORNER_CENTRE_POSITIONS = ((0.0, 0.0), (0.0, 1.0), (1.0, 0.0), (1.0, 1.0), (0.5, 0.5))
 
-CROP_MODES = ("jitter", "multiscale")
-TEST_MODES = ("full", "10crop")
+CropMode = Literal["jitter", "multiscale"]
+CROP_MODES = typing.get_args(CropMode)
+
+
+# --- clip specs -------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class TrainClipSpec:
+    """How a training clip is drawn from a video (Sec. 4.1). Defaults are the paper's fused
+    recipe; :func:`train_clip_spec` builds it from a ``TrainConfig``. Each field's comment says
+    what it means and where the paper says so."""
+
+    num_chunks: int = 5  # T: "we sample 5 inputs from a video" (Sec. 4.1; up to 11 in Sec. 5.2)
+    flow_length: int = 10  # L: "optical flow stacks with L = 10 frames" (Sec. 4.1), 2L channels
+    crop_size: int = 224  # S: crops are "resized to 224 x 224" (Sec. 4.1), output side in pixels
+    # one stride per video and epoch, both ends included: "random temporal stride between 5 and
+    # 35 frames" (Sec. 4.1)
+    stride_range: tuple[int, int] = (5, 35)
+    # jitter: "jitter the width and height of the 224x224 input frame by +-25%" (appearance and
+    # fused model); multiscale: "W, H in {256, 224, 192, 168}" from corners and centre (motion
+    # stream) (Sec. 4.1)
+    crop: CropMode = "jitter"
+    # horizontal flip of the whole clip, both streams: "the same augmentations as in [1, 39]"
+    # (Sec. 4.1)
+    flip_prob: float = 0.5
+
+    def __post_init__(self) -> None:
+        check_choice("crop", self.crop, CROP_MODES)
+        stride = tuple(int(s) for s in self.stride_range)
+        if len(stride) != 2 or not 1 <= stride[0] <= stride[1]:
+            raise UsageError(f"invalid stride range {self.stride_range}: need 1 <= low <= high")
+        object.__setattr__(self, "stride_range", stride)  # a list (from JSON) becomes a tuple
+        _check_positive(self, "num_chunks", "flow_length", "crop_size")
+        if not 0.0 <= self.flip_prob <= 1.0:
+            raise UsageError(f"invalid flip_prob {self.flip_prob:g}: need between 0 and 1")
+
+
+@dataclass(frozen=True)
+class TestClipSpec:
+    """The test views of a video (Sec. 4.2). Defaults are the paper's protocol;
+    :func:`test_clip_spec` builds it from a ``TrainConfig``."""
+
+    __test__ = False  # not a pytest test class
+
+    num_frames: int = 25  # T: "sampling 25 frames (and their horizontal flips)" (Sec. 4.2)
+    flow_length: int = 10  # L: flow frames per stack, as in training (Sec. 4.1)
+    # full: the whole frame (short side 256) and its flip, "fully convolutional testing"
+    # (Sec. 4.2); 10crop: 5 crops of crop_size and their flips ("10-crop testing", Sec. 4.2)
+    mode: TestMode = "full"
+    crop_size: int = 224  # S: the crop side of the 10crop mode, in pixels (unused by full)
+
+    def __post_init__(self) -> None:
+        check_choice("mode", self.mode, TEST_MODES)
+        _check_positive(self, "num_frames", "flow_length", "crop_size")
+
+
+def _check_positive(spec: Any, *names: str) -> None:
+    """A one-line ``UsageError`` for the first of the integer fields ``names`` below 1."""
+    for name in names:
+        if getattr(spec, name) < 1:
+            raise UsageError(f"invalid {name} {getattr(spec, name)}: need at least 1")
+
+
+def train_clip_spec(cfg: TrainConfig) -> TrainClipSpec:
+    """The training clip recipe of a run."""
+    return TrainClipSpec(
+        num_chunks=cfg.num_chunks,
+        flow_length=cfg.model.flow_length,
+        crop_size=cfg.crop_size,
+        stride_range=(cfg.stride_min, cfg.stride_max),
+        crop=cfg.crop_mode,
+    )
+
+
+def test_clip_spec(cfg: TrainConfig) -> TestClipSpec:
+    """The test views of a run."""
+    return TestClipSpec(
+        num_frames=cfg.test_frames,
+        flow_length=cfg.model.flow_length,
+        mode=cfg.test_mode,
+        crop_size=cfg.crop_size,
+    )
 
 
 class CropBox(NamedTuple):
@@ -81,80 +157,100 @@ class CropBox(NamedTuple):
 # --- temporal sampling ------------------------------------------------------------------------
 
 
-def sample_chunk_times(
-    num_frames: int,
-    num_chunks: int,
-    stride_range: tuple[int, int] = DEFAULT_STRIDE_RANGE,
-    *,
-    rng: np.random.Generator,
-) -> np.ndarray:
-    """The RGB frame index of each of ``num_chunks`` training chunks.
+def chunk_time_range(num_frames: int, flow_length: int) -> tuple[int, int]:
+    """The chunk centres (RGB frame indices, both ends included) whose whole flow stack exists.
 
-    One stride s is drawn uniformly from ``stride_range`` (both ends included) and a start uniformly
-    among those that keep all chunks inside the video; chunk i is at ``start + i * s``. When the
-    video is too short for s, s shrinks to the largest stride that fits (at least 1). When even
-    stride 1 does not fit (``num_frames < num_chunks``), the chunks spread over the whole video
-    with repeated frames (``floor(linspace(0, N-1, T))``, non-decreasing) rather than piling the
-    repeats onto the last frame.
+    A video of N RGB frames has N - 1 flow frames (flow frame k: from RGB frame k to k+1), and
+    the stack of centre t is flow frames ``t - L//2 .. t - L//2 + L - 1`` (L=10: t-5 .. t+4).
+    It lies inside 0 .. N-2 for ``L//2 <= t <= N - 1 - (L - L//2)``, i.e. N - L centres
+    (L=10: 5 .. N-6, the 1-based 6 .. N-5 of the original code; L=3: 1 .. N-3). A video with
+    fewer than L flow frames (N - 1 < L) has no such centre: then the whole video 0 .. N-1,
+    whose stacks :func:`flow_stack_indices` clamps.
 
     Args:
         num_frames: N, the number of RGB frames of the video (>= 1).
-        num_chunks: T, the number of chunks (>= 1).
-        stride_range: (low, high) inclusive bounds of the random stride, low >= 1.
+        flow_length: L, the number of flow frames in a stack (>= 1).
+
+    Returns:
+        (first, last) centre.
+    """
+    if num_frames < 1:
+        raise ValueError(f"need num_frames >= 1, got {num_frames}")
+    first = flow_length // 2
+    last = num_frames - 1 - (flow_length - first)
+    if last < first:  # N - 1 < L
+        return 0, num_frames - 1
+    return first, last
+
+
+def sample_chunk_times(
+    num_frames: int, spec: TrainClipSpec, *, rng: np.random.Generator
+) -> np.ndarray:
+    """The RGB frame index of each of the ``spec.num_chunks`` training chunks.
+
+    The chunks lie in the centres of :func:`chunk_time_range` (M of them from ``first``): one
+    stride s is drawn uniformly from ``spec.stride_range`` (both ends included) and a start
+    uniformly among those that keep all chunks inside that range; chunk i is at
+    ``first + start + i * s``. When the range is too short for s, s shrinks to the largest
+    stride that fits (at least 1). When even stride 1 does not fit (M < T), the chunks spread
+    over the whole range with repeated frames (``first + floor(linspace(0, M-1, T))``,
+    non-decreasing) rather than piling the repeats onto the last frame.
+
+    Args:
+        num_frames: N, the number of RGB frames of the video (>= 1).
+        spec: T (num_chunks), the stride range and L (flow_length, for the range of centres).
         rng: the source of randomness.
 
     Returns:
-        int64 array of shape (T,), non-decreasing (strictly increasing when N >= T), in [0, N-1].
+        int64 array of shape (T,), non-decreasing (strictly increasing when M >= T).
     """
-    lo, hi = int(stride_range[0]), int(stride_range[1])
-    if num_frames < 1 or num_chunks < 1:
-        raise ValueError(
-            f"need num_frames >= 1 and num_chunks >= 1, got {num_frames}, {num_chunks}"
-        )
-    if not 1 <= lo <= hi:
-        raise ValueError(f"stride_range must satisfy 1 <= low <= high, got {stride_range}")
+    first, last = chunk_time_range(num_frames, spec.flow_length)
+    span, num_chunks = last - first + 1, spec.num_chunks  # M centres, T chunks
+    lo, hi = spec.stride_range
     stride = int(rng.integers(lo, hi + 1))
     if num_chunks == 1:
-        return np.array([rng.integers(0, num_frames)], dtype=np.int64)
-    if num_frames < num_chunks:
-        return np.floor(np.linspace(0, num_frames - 1, num_chunks)).astype(np.int64)
-    stride = min(stride, (num_frames - 1) // (num_chunks - 1))  # span (T-1)*s + 1 <= N
-    start = int(rng.integers(0, num_frames - (num_chunks - 1) * stride))
-    return start + stride * np.arange(num_chunks, dtype=np.int64)
+        return np.array([first + rng.integers(0, span)], dtype=np.int64)
+    if span < num_chunks:
+        return first + np.floor(np.linspace(0, span - 1, num_chunks)).astype(np.int64)
+    stride = min(stride, (span - 1) // (num_chunks - 1))  # (T-1)*s + 1 <= M
+    start = int(rng.integers(0, span - (num_chunks - 1) * stride))
+    return first + start + stride * np.arange(num_chunks, dtype=np.int64)
 
 
-def flow_stack_indices(t: int, num_flow: int, flow_length: int = DEFAULT_FLOW_LENGTH) -> np.ndarray:
-    """The flow frame indices of the stack around RGB frame t: t - L/2 .. t + L/2 - 1, clamped.
+def flow_stack_indices(t: int | np.ndarray, num_flow: int, flow_length: int) -> np.ndarray:
+    """The flow frame indices of the stack around RGB frame t: t - L//2 .. t - L//2 + L - 1.
 
     Flow frame k is the motion from RGB frame k to k+1, so L=10 gives t-5 .. t+4 (the original
     two-stream convention). Indices outside the video are clamped to [0, num_flow - 1], i.e. the
-    first / last flow frame is repeated.
+    first / last flow frame is repeated; that happens only for centres outside
+    :func:`chunk_time_range`, which the samplers take only in videos too short for a stack.
 
     Args:
-        t: the RGB frame index of the chunk.
+        t: the RGB frame index of the chunk, or an array of them.
         num_flow: the number of flow frames of the video (N - 1, >= 1).
         flow_length: L, the number of flow frames in the stack.
 
     Returns:
-        int64 array of shape (L,).
+        int64 array of shape (L,), or (*t.shape, L) for an array t.
     """
     if num_flow < 1:
         raise ValueError(
             f"a flow stack needs at least one flow frame (a video of >= 2 frames), got {num_flow}"
         )
-    idx = np.arange(flow_length, dtype=np.int64) + (int(t) - flow_length // 2)
+    t = np.asarray(t, dtype=np.int64)[..., None]
+    idx = t + (np.arange(flow_length, dtype=np.int64) - flow_length // 2)
     return np.clip(idx, 0, num_flow - 1)
 
 
-def test_chunk_times(num_frames: int, num_chunks: int = DEFAULT_TEST_FRAMES) -> np.ndarray:
-    """``num_chunks`` uniformly spaced RGB frame indices over the whole video (Sec. 4.2).
+def test_chunk_times(num_frames: int, spec: TestClipSpec) -> np.ndarray:
+    """``spec.num_frames`` uniformly spaced RGB frame indices over the centres of
+    :func:`chunk_time_range` (Sec. 4.2; the original spreads its 25 frames over 6 .. N-5).
 
     Returns:
-        int64 array of shape (T,): ``round(linspace(0, N-1, T))``.
+        int64 array of shape (T,): ``round(linspace(first, last, T))``.
     """
-    if num_frames < 1:
-        raise ValueError(f"need num_frames >= 1, got {num_frames}")
-    return np.round(np.linspace(0, num_frames - 1, num_chunks)).astype(np.int64)
+    first, last = chunk_time_range(num_frames, spec.flow_length)
+    return np.round(np.linspace(first, last, spec.num_frames)).astype(np.int64)
 
 
 # --- spatial crops ----------------------------------------------------------------------------
@@ -314,12 +410,8 @@ def _frame_shape(frames: FrameCache, t: int) -> tuple[int, int]:
 def sample_train_plan(
     num_frames: int,
     frame_shape: Callable[[int], tuple[int, int]],
+    spec: TrainClipSpec,
     *,
-    num_chunks: int = DEFAULT_NUM_CHUNKS,
-    crop_size: int = DEFAULT_CROP_SIZE,
-    stride_range: tuple[int, int] = DEFAULT_STRIDE_RANGE,
-    crop: str = "jitter",
-    flip_prob: float = 0.5,
     rng: np.random.Generator,
 ) -> tuple[np.ndarray, CropBox, bool]:
     """The random choices of one training clip, in this order: the chunk times, the crop box,
@@ -330,42 +422,28 @@ def sample_train_plan(
         num_frames: N, the video's RGB frames.
         frame_shape: (H, W) of the video given the first chunk's frame index (a decoded frame's
             shape, or the shard's height / width columns).
-        The others: see :func:`train_clip`.
+        spec: the clip recipe.
+        rng: the source of randomness.
 
     Returns:
         (times int64 (T,), crop box in frame pixels, flip).
     """
-    if crop not in _CROP_FNS:
-        raise ValueError(f"crop must be one of {sorted(_CROP_FNS)}, got {crop!r}")
-    times = sample_chunk_times(num_frames, num_chunks, stride_range, rng=rng)  # (T,)
+    times = sample_chunk_times(num_frames, spec, rng=rng)  # (T,)
     h, w = frame_shape(int(times[0]))
-    box = _CROP_FNS[crop](h, w, crop_size, rng=rng)
-    flip = bool(rng.random() < flip_prob)
+    box = _CROP_FNS[spec.crop](h, w, spec.crop_size, rng=rng)
+    flip = bool(rng.random() < spec.flip_prob)
     return times, box, flip
 
 
 def train_clip(
-    row: Mapping[str, Any],
-    *,
-    num_chunks: int = DEFAULT_NUM_CHUNKS,
-    flow_length: int = DEFAULT_FLOW_LENGTH,
-    crop_size: int = DEFAULT_CROP_SIZE,
-    stride_range: tuple[int, int] = DEFAULT_STRIDE_RANGE,
-    crop: str = "jitter",
-    flip_prob: float = 0.5,
-    rng: np.random.Generator,
+    row: Mapping[str, Any], spec: TrainClipSpec, *, rng: np.random.Generator
 ) -> dict[str, Any]:
     """One training clip of a video: T chunks, one crop box and one flip for everything.
 
     Args:
         row: a shard row (columns from ``stm.data.shards``): rgb, flow_u, flow_v JPEG lists,
             num_frames and label.
-        num_chunks: T, temporal chunks per video (5 in the paper, up to 11 in Sec. 5.2).
-        flow_length: L, flow frames per stack (10).
-        crop_size: S, the output side (224).
-        stride_range: inclusive bounds of the per-video random temporal stride ((5, 35)).
-        crop: "jitter" (appearance / fused recipe) or "multiscale" (motion-stream recipe).
-        flip_prob: probability of a horizontal flip of the whole clip.
+        spec: the clip recipe (chunks, stack length, crop, stride range, flip probability).
         rng: the source of randomness.
 
     Returns:
@@ -375,21 +453,13 @@ def train_clip(
     """
     n = int(row[NUM_FRAMES])
     frames = FrameCache(row)
-    times, box, flip = sample_train_plan(
-        n,
-        lambda t: _frame_shape(frames, t),
-        num_chunks=num_chunks,
-        crop_size=crop_size,
-        stride_range=stride_range,
-        crop=crop,
-        flip_prob=flip_prob,
-        rng=rng,
-    )
-    rgb = np.empty((num_chunks, 3, crop_size, crop_size), dtype=np.uint8)  # (T, 3, S, S)
-    flow = np.empty((num_chunks, 2 * flow_length, crop_size, crop_size), dtype=np.uint8)
+    times, box, flip = sample_train_plan(n, lambda t: _frame_shape(frames, t), spec, rng=rng)
+    s, length = spec.crop_size, spec.flow_length
+    stacks = flow_stack_indices(times, n - 1, length)  # (T, L)
+    rgb = np.empty((spec.num_chunks, 3, s, s), dtype=np.uint8)  # (T, 3, S, S)
+    flow = np.empty((spec.num_chunks, 2 * length, s, s), dtype=np.uint8)  # (T, 2L, S, S)
     for i, t in enumerate(times):
-        idx = flow_stack_indices(int(t), n - 1, flow_length)  # (L,)
-        rgb[i] = chunk(frames, int(t), idx, box, crop_size, crop_size, flip, flow[i])[0]
+        rgb[i] = chunk(frames, int(t), stacks[i], box, s, s, flip, flow[i])[0]
     return {
         "rgb": rgb,
         "flow": flow,
@@ -400,85 +470,40 @@ def train_clip(
     }
 
 
-def test_clip(
-    row: Mapping[str, Any],
-    *,
-    num_frames: int = DEFAULT_TEST_FRAMES,
-    flow_length: int = DEFAULT_FLOW_LENGTH,
-    mode: str = "full",
-    crop_size: int = DEFAULT_CROP_SIZE,
-) -> dict[str, Any]:
+def test_clip(row: Mapping[str, Any], spec: TestClipSpec) -> dict[str, Any]:
     """The test views of a video (Sec. 4.2): deterministic, no randomness.
 
-    T = ``num_frames`` chunk centres ``round(linspace(0, N-1, T))``. Mode "full" (the paper's
-    fully convolutional testing): V=2 views, the whole frame and its horizontal flip, at the stored
-    resolution. Mode "10crop": V=10, crops of crop_size at top-left, top-right, bottom-left,
-    bottom-right and centre, then the same 5 flipped. Flipped views have u inverted (255 - u).
+    T = ``spec.num_frames`` chunk centres from :func:`test_chunk_times`. Mode "full" (the
+    paper's fully convolutional testing): V=2 views, the whole frame and its horizontal flip, at
+    the stored resolution. Mode "10crop": V=10, crops of crop_size at top-left, top-right,
+    bottom-left, bottom-right and centre, then the same 5 flipped. Flipped views have u
+    inverted (255 - u).
 
     Returns:
         {"rgb": uint8 (V, T, 3, H', W'), "flow": uint8 (V, T, 2L, H', W'), "label": int,
         "times": int64 (T,)}, with (H', W') = (H, W) for "full" and (S, S) for "10crop".
     """
-    if mode not in TEST_MODES:
-        raise ValueError(f"mode must be one of {list(TEST_MODES)}, got {mode!r}")
     n = int(row[NUM_FRAMES])
     frames = FrameCache(row)
-    times = test_chunk_times(n, num_frames)  # (T,)
+    times = test_chunk_times(n, spec)  # (T,)
+    stacks = flow_stack_indices(times, n - 1, spec.flow_length)  # (T, L)
     h, w = _frame_shape(frames, int(times[0]))
-    if mode == "full":
+    if spec.mode == "full":
         boxes, out_h, out_w = [CropBox(0, 0, h, w)], h, w
     else:
-        boxes, out_h, out_w = ten_crop_boxes(h, w, crop_size), crop_size, crop_size
+        s = spec.crop_size
+        boxes, out_h, out_w = ten_crop_boxes(h, w, s), s, s
     views = [(box, flip) for flip in (False, True) for box in boxes]
-    rgb = np.empty((len(views), num_frames, 3, out_h, out_w), dtype=np.uint8)  # (V, T, 3, H', W')
-    flow = np.empty((len(views), num_frames, 2 * flow_length, out_h, out_w), dtype=np.uint8)
+    t_count, length = spec.num_frames, spec.flow_length
+    rgb = np.empty((len(views), t_count, 3, out_h, out_w), dtype=np.uint8)  # (V, T, 3, H', W')
+    flow = np.empty((len(views), t_count, 2 * length, out_h, out_w), dtype=np.uint8)
     for i, t in enumerate(times):
-        idx = flow_stack_indices(int(t), n - 1, flow_length)  # (L,)
         for v, (box, flip) in enumerate(views):
-            rgb[v, i] = chunk(frames, int(t), idx, box, out_h, out_w, flip, flow[v, i])[0]
+            rgb[v, i] = chunk(frames, int(t), stacks[i], box, out_h, out_w, flip, flow[v, i])[0]
     return {"rgb": rgb, "flow": flow, "label": int(row[LABEL]), "times": times}
 
 
 # --- model inputs -----------------------------------------------------------------------------
-
-
-def to_model_inputs(
-    rgb_uint8: torch.Tensor | None, flow_uint8: torch.Tensor | None
-) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-    """uint8 clips -> float32 network inputs, on whatever device the tensors live on.
-
-    RGB: ``(x / 255 - mean) / std`` with the ImageNet statistics, per channel (dim -3).
-    Flow: ``x - 128``, centred in uint8 units as in the original code (DESIGN.md).
-    A stream that is not given (a stream-alone stage) stays ``None``.
-
-    Args:
-        rgb_uint8: (..., 3, H, W) uint8, or None.
-        flow_uint8: (..., 2L, H, W) uint8, or None.
-
-    Returns:
-        (rgb float32 of the same shape, flow float32 of the same shape).
-    """
-    rgb = flow = None
-    if rgb_uint8 is not None:
-        if rgb_uint8.shape[-3] != 3:
-            raise ValueError(
-                f"rgb must have 3 channels at dim -3, got shape {tuple(rgb_uint8.shape)}"
-            )
-        mean, std = _imagenet_stats(rgb_uint8.device)
-        rgb = (rgb_uint8.to(torch.float32) / 255.0 - mean) / std
-    if flow_uint8 is not None:
-        flow = flow_uint8.to(torch.float32) - FLOW_CENTER
-    return rgb, flow
-
-
-@functools.cache
-def _imagenet_stats(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """The ImageNet mean and std as (3, 1, 1) tensors on ``device``, made once per device: a
-    tensor built from Python numbers on a GPU is a blocking host-to-device copy, which inside
-    every micro-batch would stall the step."""
-    mean = torch.tensor(IMAGENET_MEAN, dtype=torch.float32, device=device).view(3, 1, 1)
-    std = torch.tensor(IMAGENET_STD, dtype=torch.float32, device=device).view(3, 1, 1)
-    return mean, std
 
 
 # --- batch samplers for Ray Data map_batches --------------------------------------------------
@@ -548,16 +573,7 @@ def rows_with_rngs(
 
 
 def train_batch(
-    batch: Any,
-    *,
-    epoch: int = 0,
-    seed: int | None = 0,
-    num_chunks: int = DEFAULT_NUM_CHUNKS,
-    flow_length: int = DEFAULT_FLOW_LENGTH,
-    crop_size: int = DEFAULT_CROP_SIZE,
-    stride_range: tuple[int, int] = DEFAULT_STRIDE_RANGE,
-    crop: str = "jitter",
-    flip_prob: float = 0.5,
+    batch: Any, spec: TrainClipSpec, *, epoch: int = 0, seed: int | None = 0
 ) -> dict[str, np.ndarray]:
     """Training clips of a batch of shard rows (a ``map_batches`` function).
 
@@ -569,37 +585,20 @@ def train_batch(
     Args:
         batch: dict of column arrays (Ray "numpy" batch format) or a pyarrow Table, with the
             video_id, label, num_frames, rgb, flow_u and flow_v columns.
+        spec: the clip recipe (see :func:`train_clip`).
         epoch, seed: see above.
-        The other arguments are those of :func:`train_clip`.
 
     Returns:
         {"rgb": uint8 (B, T, 3, S, S), "flow": uint8 (B, T, 2L, S, S), "label": int64 (B,)}.
     """
-    clips = []
-    for row, rng in rows_with_rngs(batch, seed=seed, epoch=epoch):
-        clips.append(
-            train_clip(
-                row,
-                num_chunks=num_chunks,
-                flow_length=flow_length,
-                crop_size=crop_size,
-                stride_range=stride_range,
-                crop=crop,
-                flip_prob=flip_prob,
-                rng=rng,
-            )
-        )
-    return stack_clips(clips, num_chunks, flow_length, (crop_size, crop_size))
+    clips = [
+        train_clip(row, spec, rng=rng) for row, rng in rows_with_rngs(batch, seed=seed, epoch=epoch)
+    ]
+    size = (spec.crop_size, spec.crop_size)
+    return stack_clips(clips, spec.num_chunks, spec.flow_length, size)
 
 
-def test_batch(
-    batch: Any,
-    *,
-    num_frames: int = DEFAULT_TEST_FRAMES,
-    flow_length: int = DEFAULT_FLOW_LENGTH,
-    mode: str = "full",
-    crop_size: int = DEFAULT_CROP_SIZE,
-) -> dict[str, np.ndarray]:
+def test_batch(batch: Any, spec: TestClipSpec) -> dict[str, np.ndarray]:
     """Test views of a batch of shard rows (a ``map_batches`` function); see :func:`test_clip`.
 
     In "full" mode the videos of one batch must share a frame size (use batch_size=1 for
@@ -609,20 +608,16 @@ def test_batch(
         {"rgb": uint8 (B, V, T, 3, H', W'), "flow": uint8 (B, V, T, 2L, H', W'),
         "label": int64 (B,)}.
     """
-    clips = [
-        test_clip(
-            row, num_frames=num_frames, flow_length=flow_length, mode=mode, crop_size=crop_size
-        )
-        for row in batch_rows(batch)
-    ]
+    clips = [test_clip(row, spec) for row in batch_rows(batch)]
     shapes = {c["rgb"].shape for c in clips}
     if len(shapes) > 1:
         raise ValueError(
             f"videos of one test batch have different frame sizes {sorted(shapes)}; "
             "use batch_size=1 or mode='10crop'"
         )
-    size = clips[0]["rgb"].shape[-2:] if clips else (crop_size, crop_size)
-    return stack_clips(clips, num_frames, flow_length, size, views=2 if mode == "full" else 10)
+    size = clips[0]["rgb"].shape[-2:] if clips else (spec.crop_size, spec.crop_size)
+    views = 2 if spec.mode == "full" else 10
+    return stack_clips(clips, spec.num_frames, spec.flow_length, size, views=views)
 
 
 def stack_clips(
@@ -648,71 +643,35 @@ def stack_clips(
 
 
 class TrainClipSampler:
-    """Callable class for ``Dataset.map_batches``: :func:`train_batch` with a fixed config.
+    """Callable class for ``Dataset.map_batches``: :func:`train_batch` with a fixed recipe.
 
     Args:
+        spec: the clip recipe.
         epoch: the epoch number, part of each video's seed (build the per-epoch pipeline with it).
         seed: base seed; None for fresh, non-reproducible randomness on every call.
-        num_chunks, flow_length, crop_size, stride_range, crop, flip_prob: see :func:`train_clip`.
     """
 
-    def __init__(
-        self,
-        *,
-        epoch: int = 0,
-        seed: int | None = 0,
-        num_chunks: int = DEFAULT_NUM_CHUNKS,
-        flow_length: int = DEFAULT_FLOW_LENGTH,
-        crop_size: int = DEFAULT_CROP_SIZE,
-        stride_range: tuple[int, int] = DEFAULT_STRIDE_RANGE,
-        crop: str = "jitter",
-        flip_prob: float = 0.5,
-    ):
-        if crop not in _CROP_FNS:
-            raise ValueError(f"crop must be one of {sorted(_CROP_FNS)}, got {crop!r}")
-        self.kwargs = dict(
-            epoch=epoch,
-            seed=seed,
-            num_chunks=num_chunks,
-            flow_length=flow_length,
-            crop_size=crop_size,
-            stride_range=tuple(stride_range),
-            crop=crop,
-            flip_prob=flip_prob,
-        )
+    def __init__(self, spec: TrainClipSpec, *, epoch: int = 0, seed: int | None = 0):
+        self.spec, self.epoch, self.seed = spec, epoch, seed
 
-    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        return train_batch(batch, **self.kwargs)
+    def __call__(self, batch: Any) -> dict[str, np.ndarray]:
+        return train_batch(batch, self.spec, epoch=self.epoch, seed=self.seed)
 
 
 # Their names start with "test": keep pytest from collecting them where a test module imports them.
 test_chunk_times.__test__ = False  # type: ignore[attr-defined]
+test_clip_spec.__test__ = False  # type: ignore[attr-defined]
 test_clip.__test__ = False  # type: ignore[attr-defined]
 test_batch.__test__ = False  # type: ignore[attr-defined]
 
 
 class TestClipSampler:
-    """Callable class for ``Dataset.map_batches``: :func:`test_batch` with a fixed config.
-
-    Args:
-        num_frames, flow_length, mode, crop_size: see :func:`test_clip`.
-    """
+    """Callable class for ``Dataset.map_batches``: :func:`test_batch` with a fixed spec."""
 
     __test__ = False  # not a pytest test class
 
-    def __init__(
-        self,
-        *,
-        num_frames: int = DEFAULT_TEST_FRAMES,
-        flow_length: int = DEFAULT_FLOW_LENGTH,
-        mode: str = "full",
-        crop_size: int = DEFAULT_CROP_SIZE,
-    ):
-        if mode not in TEST_MODES:
-            raise ValueError(f"mode must be one of {list(TEST_MODES)}, got {mode!r}")
-        self.kwargs = dict(
-            num_frames=num_frames, flow_length=flow_length, mode=mode, crop_size=crop_size
-        )
+    def __init__(self, spec: TestClipSpec):
+        self.spec = spec
 
-    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        return test_batch(batch, **self.kwargs)
+    def __call__(self, batch: Any) -> dict[str, np.ndarray]:
+        return test_batch(batch, self.spec)

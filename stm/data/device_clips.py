@@ -29,11 +29,9 @@ import torch
 import torch.nn.functional as F
 
 from stm.data.clips import (
-    DEFAULT_CROP_SIZE,
-    DEFAULT_FLOW_LENGTH,
-    DEFAULT_NUM_CHUNKS,
-    DEFAULT_STRIDE_RANGE,
     FrameCache,
+    TrainClipSampler,
+    TrainClipSpec,
     _frame_shape,
     flow_stack_indices,
     rows_with_rngs,
@@ -64,16 +62,7 @@ PLAN_SCHEMA = pa.schema(
 
 
 def plan_train_batch(
-    batch: Any,
-    *,
-    epoch: int = 0,
-    seed: int | None = 0,
-    num_chunks: int = DEFAULT_NUM_CHUNKS,
-    flow_length: int = DEFAULT_FLOW_LENGTH,
-    crop_size: int = DEFAULT_CROP_SIZE,
-    stride_range: tuple[int, int] = DEFAULT_STRIDE_RANGE,
-    crop: str = "jitter",
-    flip_prob: float = 0.5,
+    batch: Any, spec: TrainClipSpec, *, epoch: int = 0, seed: int | None = 0
 ) -> pa.Table:
     """The planned training clips of a batch of shard rows (a ``map_batches`` function).
 
@@ -89,17 +78,9 @@ def plan_train_batch(
         n = int(row[NUM_FRAMES])
         # (H, W) from the shard's size columns, else from the first chunk's decoded frame
         size = (int(row[HEIGHT]), int(row[WIDTH])) if HEIGHT in row and WIDTH in row else None
-        times, box, flip = sample_train_plan(
-            n,
-            functools.partial(_frame_size, size, FrameCache(row)),
-            num_chunks=num_chunks,
-            crop_size=crop_size,
-            stride_range=stride_range,
-            crop=crop,
-            flip_prob=flip_prob,
-            rng=rng,
-        )
-        stacks = np.stack([flow_stack_indices(int(t), n - 1, flow_length) for t in times])
+        frame_size = functools.partial(_frame_size, size, FrameCache(row))
+        times, box, flip = sample_train_plan(n, frame_size, spec, rng=rng)
+        stacks = flow_stack_indices(times, n - 1, spec.flow_length)  # (T, L)
         distinct, index = np.unique(stacks, return_inverse=True)  # (K,), (T*L,)
         cols[LABEL].append(int(row[LABEL]))
         cols[RGB_JPEG].append([_bytes(row[RGB][int(t)]) for t in times])
@@ -118,19 +99,18 @@ def _bytes(item: Any) -> bytes:
     return item.to_pybytes() if isinstance(item, pa.Buffer) else bytes(item)
 
 
-class TrainPlanSampler:
-    """Callable class for ``Dataset.map_batches``: :func:`plan_train_batch` with a fixed config
+class TrainPlanSampler(TrainClipSampler):
+    """Callable class for ``Dataset.map_batches``: :func:`plan_train_batch` with a fixed recipe
     (the arguments of :class:`stm.data.clips.TrainClipSampler`)."""
 
-    def __init__(self, **kwargs: Any):
-        self.kwargs = kwargs
-
-    def __call__(self, batch: Any) -> pa.Table:
-        return plan_train_batch(batch, **self.kwargs)
+    def __call__(self, batch: Any) -> pa.Table:  # type: ignore[override]
+        return plan_train_batch(batch, self.spec, epoch=self.epoch, seed=self.seed)
 
 
 class DeviceClipDecoder:
     """Planned clips (:data:`PLAN_SCHEMA` rows) -> the training batch, decoded on ``device``.
+
+    ``spec`` is the recipe the clips were planned with (its crop size and stack length).
 
     ``decoder(table)`` returns {"rgb": uint8 (B, T, 3, S, S), "flow": uint8 (B, T, 2L, S, S),
     "label": int64 (B,)} on ``device``: the arrays of :func:`stm.data.clips.train_batch`, in
@@ -142,14 +122,9 @@ class DeviceClipDecoder:
     the device: the few host arrays (labels, flow indices) go up from pinned memory.
     """
 
-    def __init__(
-        self,
-        crop_size: int = DEFAULT_CROP_SIZE,
-        flow_length: int = DEFAULT_FLOW_LENGTH,
-        device: str | torch.device = "cpu",
-    ):
-        self.size = (int(crop_size), int(crop_size))
-        self.flow_length = int(flow_length)
+    def __init__(self, spec: TrainClipSpec, device: str | torch.device = "cpu"):
+        self.size = (spec.crop_size, spec.crop_size)
+        self.flow_length = spec.flow_length
         self.device = torch.device(device)
         self.stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
 

@@ -14,7 +14,7 @@ import numpy as np
 import pyarrow as pa
 
 from stm.config import TrainConfig
-from stm.data.clips import TestClipSampler, TrainClipSampler
+from stm.data.clips import TestClipSampler, TrainClipSampler, test_clip_spec, train_clip_spec
 from stm.data.device_clips import TrainPlanSampler
 from stm.data.shards import (
     FLOW_U,
@@ -65,24 +65,12 @@ def build_datasets(cfg: TrainConfig) -> dict[str, Any]:
     fs, root = resolve(cfg.data)
     files = list_parquet(fs, f"{root.rstrip('/')}/shards")
     base = ray.data.read_parquet(files, filesystem=fs).select_columns(CLIP_COLUMNS)
-    flow_length = cfg.model.flow_length
     # --decode device: the workers only sample the clips and ship their JPEGs, which the
     # training loop decodes on its device (stm.data.device_clips); the same random draws.
     sampler_cls = TrainPlanSampler if cfg.decode == "device" else TrainClipSampler
-    train_sampler = sampler_cls(
-        seed=None,  # fresh randomness on every execution, i.e. every epoch
-        num_chunks=cfg.num_chunks,
-        flow_length=flow_length,
-        crop_size=cfg.crop_size,
-        stride_range=(cfg.stride_min, cfg.stride_max),
-        crop=cfg.crop_mode,
-    )
-    test_sampler = TestClipSampler(
-        num_frames=cfg.test_frames,
-        flow_length=flow_length,
-        mode=cfg.test_mode,
-        crop_size=cfg.crop_size,
-    )
+    # seed=None: fresh randomness on every execution, i.e. every epoch
+    train_sampler = sampler_cls(train_clip_spec(cfg), seed=None)
+    test_sampler = TestClipSampler(test_clip_spec(cfg))
     train = base.randomize_block_order().map_batches(
         _clips,
         batch_format="pyarrow",

@@ -18,6 +18,7 @@ import torch
 import torch.distributed as dist
 
 from stm.config import TrainConfig, from_dict, to_dict
+from stm.data.clips import train_clip_spec
 from stm.data.device_clips import DeviceClipDecoder
 from stm.model import build_model, to_channels_last
 from stm.model.two_stream import TwoStreamNet
@@ -227,7 +228,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     score = float(state["metrics"].get(SCORE, 0.0)) if state is not None else 0.0
     decoder = None
     if cfg.decode == "device":
-        decoder = DeviceClipDecoder(cfg.crop_size, cfg.model.flow_length, device)
+        decoder = DeviceClipDecoder(train_clip_spec(cfg), device)
     for epoch in range(start_epoch, cfg.epochs + 1):
         lr = scheduler.get_last_lr()[0]
         syncs_before = syncs[0] if syncs else 0

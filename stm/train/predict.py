@@ -125,7 +125,9 @@ def predict_video(
 
     Raises ``stm.data.decode.DecodeError`` for a video that cannot be decoded.
     """
-    from stm.data.clips import test_clip
+    from dataclasses import replace
+
+    from stm.data.clips import test_clip, test_clip_spec
     from stm.data.flow import make_estimator
     from stm.data.preprocess import process_video
     from stm.train.steps import video_scores
@@ -147,19 +149,17 @@ def predict_video(
     row = process_video(
         item, make_estimator(flow or pre["flow"]), short_side or None, None, pre["jpeg_quality"]
     )
-    clip = test_clip(
-        row,
-        num_frames=test_frames or cfg.test_frames,
-        flow_length=cfg.model.flow_length,
-        mode=cfg.test_mode,
-        crop_size=cfg.crop_size,
-    )
+    spec = test_clip_spec(cfg)
+    clip = test_clip(row, replace(spec, num_frames=test_frames or spec.num_frames))
     device = device or default_device()
     model, bf16 = _on_device(loaded, device)
     rgb, flw = _stream_inputs(
         {"rgb": clip["rgb"][None], "flow": clip["flow"][None]}, cfg.stage, device
     )
-    scores = video_scores(model, rgb, flw, bf16=bf16)
+    protocol = (cfg.test_pool, cfg.score_fusion)
+    scores = video_scores(model, rgb, flw, bf16=bf16, window=cfg.num_chunks, protocols=(protocol,))[
+        protocol
+    ]
     probs = scores.get("fused", next(iter(scores.values())))[0].cpu().numpy()
     order = np.argsort(-probs, kind="stable")[: max(1, top_k)]
     return Prediction(
@@ -176,6 +176,9 @@ class SplitEvaluation:
     videos: int
     seconds: float
     confusion: dict[str, np.ndarray] = field(default_factory=dict)
+    protocol: str = "window/logits"  # the model's test protocol, that of ``accuracy``
+    # every test protocol ("window/logits", "global/softmax", ...) -> accuracy by stream
+    protocols: dict[str, dict[str, float]] = field(default_factory=dict)
 
 
 def _test_batches(
@@ -185,7 +188,7 @@ def _test_batches(
     import pyarrow as pa
     import pyarrow.compute as pc
 
-    from stm.data.clips import test_batch
+    from stm.data.clips import test_batch, test_clip_spec
     from stm.data.shards import TEST_SPLITS, VIDEO_ID, in_split, shards_dataset
     from stm.train.ingest import CLIP_COLUMNS
 
@@ -197,16 +200,11 @@ def _test_batches(
     scanner = ds.to_batches(
         columns=CLIP_COLUMNS, filter=pc.field(VIDEO_ID).isin(ids.combine_chunks()), batch_size=1
     )
+    spec = test_clip_spec(cfg)
     for batch in scanner:
         if batch.num_rows == 0:
             continue
-        clips = test_batch(
-            pa.Table.from_batches([batch]),
-            num_frames=cfg.test_frames,
-            flow_length=cfg.model.flow_length,
-            mode=cfg.test_mode,
-            crop_size=cfg.crop_size,
-        )
+        clips = test_batch(pa.Table.from_batches([batch]), spec)
         yield {k: torch.from_numpy(v) for k, v in clips.items()}
 
 
@@ -223,7 +221,7 @@ def evaluate_split(
     not fit the model."""
     from stm.data.shards import read_classes
     from stm.train.ingest import split_sizes
-    from stm.train.steps import accuracy, evaluate
+    from stm.train.steps import PROTOCOLS, accuracy, evaluate
 
     try:
         classes = read_classes(data)
@@ -241,20 +239,28 @@ def evaluate_split(
     device = device or default_device()
     started = time.perf_counter()
     model, bf16 = _on_device(loaded, device)
-    confusion = evaluate(
+    confusions = evaluate(  # every protocol from one forward pass per video
         model,
         _test_batches(data, split, loaded.cfg, limit),
         stage=loaded.cfg.stage,
         num_classes=loaded.cfg.model.num_classes,
         device=device,
         bf16=bf16,
+        window=loaded.cfg.num_chunks,
+        protocols=PROTOCOLS,
     )
-    videos = int(next(iter(confusion.values())).sum())
+    own = (loaded.cfg.test_pool, loaded.cfg.score_fusion)
+    confusion = confusions[own]
     return SplitEvaluation(
         accuracy={k: accuracy(c) for k, c in confusion.items()},
-        videos=videos,
+        videos=int(next(iter(confusion.values())).sum()),
         seconds=time.perf_counter() - started,
         confusion=confusion,
+        protocol="/".join(own),
+        protocols={
+            "/".join(p): {k: accuracy(c) for k, c in by_name.items()}
+            for p, by_name in confusions.items()
+        },
     )
 
 

@@ -10,6 +10,7 @@ with the last micro-batch's backward.
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 import time
 from collections.abc import Callable, Iterable, Iterator
@@ -21,12 +22,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from stm.data.clips import to_model_inputs
 from stm.data.device_clips import wait_ready
+from stm.data.shards import FLOW_CENTER
 from stm.model import fuse_scores
 from stm.model.two_stream import StreamScores
 
 STREAM_NAMES = ("appearance", "motion")
+IMAGENET_MEAN = (0.485, 0.456, 0.406)  # torchvision ImageNet weights expect these (RGB order)
+IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
 def streams_of(stage: str) -> tuple[str, ...]:
@@ -38,6 +41,45 @@ def lr_factor(update: int, updates_per_epoch: int, milestones: tuple[int, ...]) 
     """Step decay by 10 at each milestone epoch, as a pure function of the update count."""
     epoch = update / max(updates_per_epoch, 1)
     return 0.1 ** sum(epoch >= m for m in milestones)
+
+
+def to_model_inputs(
+    rgb_uint8: torch.Tensor | None, flow_uint8: torch.Tensor | None
+) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """uint8 clips -> float32 network inputs, on whatever device the tensors live on.
+
+    RGB: ``(x / 255 - mean) / std`` with the ImageNet statistics, per channel (dim -3).
+    Flow: ``x - 128``, centred in uint8 units as in the original code (DESIGN.md).
+    A stream that is not given (a stream-alone stage) stays ``None``.
+
+    Args:
+        rgb_uint8: (..., 3, H, W) uint8, or None.
+        flow_uint8: (..., 2L, H, W) uint8, or None.
+
+    Returns:
+        (rgb float32 of the same shape, flow float32 of the same shape).
+    """
+    rgb = flow = None
+    if rgb_uint8 is not None:
+        if rgb_uint8.shape[-3] != 3:
+            raise ValueError(
+                f"rgb must have 3 channels at dim -3, got shape {tuple(rgb_uint8.shape)}"
+            )
+        mean, std = _imagenet_stats(rgb_uint8.device)
+        rgb = (rgb_uint8.to(torch.float32) / 255.0 - mean) / std
+    if flow_uint8 is not None:
+        flow = flow_uint8.to(torch.float32) - FLOW_CENTER
+    return rgb, flow
+
+
+@functools.cache
+def _imagenet_stats(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """The ImageNet mean and std as (3, 1, 1) tensors on ``device``, made once per device: a
+    tensor built from Python numbers on a GPU is a blocking host-to-device copy, which inside
+    every micro-batch would stall the step."""
+    mean = torch.tensor(IMAGENET_MEAN, dtype=torch.float32, device=device).view(3, 1, 1)
+    std = torch.tensor(IMAGENET_STD, dtype=torch.float32, device=device).view(3, 1, 1)
+    return mean, std
 
 
 def autocast(device: torch.device, bf16: bool) -> contextlib.AbstractContextManager:
