@@ -262,3 +262,21 @@ def test_growing_flow_actor_pool_starts_small_and_grows(ray_local) -> None:
     assert len({r["pid"] for r in rows}) >= 2
     fixed, how = flow_actor_pool(3, 0.0, 8, {"CPU": 1.0})
     assert how == "3"
+
+
+def test_shards_of_a_many_class_dataset_are_not_one_class_each() -> None:
+    """Listings come sorted by class; the shard order mixes them (101 classes x 8 videos,
+    shards of 8: about 7.7 classes per shard for a random order, 1 for the listing's)."""
+    from stm.data.preprocess import shard_order
+    from stm.data.sources import VideoItem
+
+    items = [
+        VideoItem(f"c{c:03d}/v{i}", "", c, f"c{c:03d}", (1,), ())
+        for c in range(101)
+        for i in range(8)
+    ]
+    order = shard_order(items)
+    assert sorted(it.video_id for it in order) == [it.video_id for it in items]
+    classes = [len({it.label for it in order[s : s + 8]}) for s in range(0, len(order), 8)]
+    assert np.mean(classes) > 7.2 and min(classes) >= 4
+    assert shard_order(list(reversed(items))) == order  # a fixed order, whatever the listing's
