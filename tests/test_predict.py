@@ -106,7 +106,10 @@ def test_registry_round_trip_keeps_the_model_and_its_preprocessing(registered):
     assert [n for n, _ in pred.top] != [] and pred.frames == 12
     fused = pred.scores["fused"]
     assert fused.shape == (6,) and np.isclose(fused.sum(), 1.0, atol=1e-4)
-    assert np.allclose(fused, (pred.scores["appearance"] + pred.scores["motion"]) / 2)
+    # logit fusion (the original's): softmax of the averaged logits, i.e. the normalised
+    # geometric mean of the streams' probabilities
+    geometric = np.sqrt(pred.scores["appearance"] * pred.scores["motion"])
+    assert np.allclose(fused, geometric / geometric.sum(), atol=1e-5)
     # the same network straight from the original checkpoint scores the video identically
     direct = predict_video(load_model_dir(registered["checkpoint"]), registered["video"], top_k=6)
     assert np.allclose(direct.scores["fused"], fused, atol=1e-6)
