@@ -4,6 +4,8 @@
   paper-size videos without any video file, written with ``write_table_atomic``: a smooth
   textured scene that drifts, and smooth noisy flow around 128, JPEG q90 (``encode_jpeg``):
   RGB ~25 kB and flow planes ~10 kB at 340x256, like TV-L1 shards of real footage.
+- :func:`order_shards`: shards of tiny identical videos in a given order of videos (the data
+  order benchmark).
 - :func:`planned_batches`: those rows planned for ``--decode device``
   (``stm.data.device_clips.plan_train_batch``), what its Ray Data workers ship.
 - :func:`photo_clips`: grayscale clips of a real photograph panning and rotating (flow input).
@@ -129,3 +131,31 @@ def synthetic_videos(folder: str, n: int, frames: int, width: int, height: int):
         for it in items
     ]
     return root, items, gray
+
+
+def order_shards(out: str, items: list, per_shard: int) -> None:
+    """Shards of tiny identical videos (16 frames of 32x24) in the order of ``items``
+    (``stm.data.sources.VideoItem``s), ``per_shard`` videos each: what an order is measured on."""
+    rng = np.random.default_rng(0)
+    frame = encode_jpeg(rng.integers(0, 255, (24, 32, 3), dtype=np.uint8))
+    plane = encode_jpeg(np.full((24, 32), 128, dtype=np.uint8))
+    fs, root = resolve(out)
+    for s in range(0, len(items), per_shard):
+        rows = [
+            {
+                "video_id": it.video_id,
+                "label": it.label,
+                "class_name": it.class_name,
+                "num_frames": 16,
+                "fps": 25.0,
+                "height": 24,
+                "width": 32,
+                "rgb": [frame] * 16,
+                "flow_u": [plane] * 15,
+                "flow_v": [plane] * 15,
+                "train_splits": [1],
+                "test_splits": [],
+            }
+            for it in items[s : s + per_shard]
+        ]
+        write_table_atomic(fs, f"{root}/{SHARDS_DIR}/part-{s:06d}.parquet", shard_rows(rows))

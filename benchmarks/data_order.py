@@ -26,9 +26,10 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from stm.config import embedded_default  # noqa: E402
 from stm.data.preprocess import shard_order  # noqa: E402
-from stm.data.shards import SHARDS_DIR, encode_jpeg, shard_rows, write_table_atomic  # noqa: E402
 from stm.data.sources import VideoItem  # noqa: E402
-from stm.storage import resolve  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_data import order_shards  # noqa: E402
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -58,33 +59,6 @@ def permutation_distinct(labels: list[int], args: argparse.Namespace) -> tuple[f
         step = args.batch_size
         update += [len(set(order[i : i + step])) for i in range(0, len(order) - step + 1, step)]
     return float(np.mean(bn)), float(np.mean(update))
-
-
-def write_dataset(out: str, items: list[VideoItem], per_shard: int) -> None:
-    """Shards of tiny videos in the order of ``items``, ``per_shard`` videos each."""
-    rng = np.random.default_rng(0)
-    frame = encode_jpeg(rng.integers(0, 255, (24, 32, 3), dtype=np.uint8))
-    plane = encode_jpeg(np.full((24, 32), 128, dtype=np.uint8))
-    fs, root = resolve(out)
-    for s in range(0, len(items), per_shard):
-        rows = [
-            {
-                "video_id": it.video_id,
-                "label": it.label,
-                "class_name": it.class_name,
-                "num_frames": 16,
-                "fps": 25.0,
-                "height": 24,
-                "width": 32,
-                "rgb": [frame] * 16,
-                "flow_u": [plane] * 15,
-                "flow_v": [plane] * 15,
-                "train_splits": [1],
-                "test_splits": [],
-            }
-            for it in items[s : s + per_shard]
-        ]
-        write_table_atomic(fs, f"{root}/{SHARDS_DIR}/part-{s:06d}.parquet", shard_rows(rows))
 
 
 def measure(data: str, args: argparse.Namespace, k: int, buffer: bool) -> tuple[float, float]:
@@ -142,7 +116,7 @@ def main(argv: list[str] | None = None) -> None:
     )
     for name, order in (("stm (shard_order)", shard_order(listing)), ("by class", listing)):
         with tempfile.TemporaryDirectory() as data:
-            write_dataset(data, order, args.videos_per_shard)
+            order_shards(data, order, args.videos_per_shard)
             for buffer in (False, True):
                 bn, update = measure(data, args, k, buffer)
                 where = "as the worker iterates" if buffer else "pipeline order, no buffer"

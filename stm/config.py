@@ -291,6 +291,13 @@ class TrainConfig:
             return self.crop
         return "multiscale" if self.stage == "motion" else "jitter"
 
+    def resolved(self) -> TrainConfig:
+        """This config with its "choose for me" values made explicit (lr 0 -> the stage's,
+        crop auto -> the stage's, init auto -> the stage's), as a run logs and checkpoints it."""
+        return dataclasses.replace(
+            self, lr=self.base_lr, crop=self.crop_mode, init=self.resolved_init
+        )
+
     def use_bf16(self, device_type: str) -> bool:
         return device_type == "cuda" if self.bf16 is None else self.bf16
 

@@ -280,3 +280,18 @@ def test_shards_of_a_many_class_dataset_are_not_one_class_each() -> None:
     classes = [len({it.label for it in order[s : s + 8]}) for s in range(0, len(order), 8)]
     assert np.mean(classes) > 7.2 and min(classes) >= 4
     assert shard_order(list(reversed(items))) == order  # a fixed order, whatever the listing's
+
+
+def test_jpeg_quality_95_for_new_datasets_the_recorded_one_when_continuing(tmp_path: Path) -> None:
+    from stm import storage
+    from stm.data.preprocess import _with_jpeg_quality
+
+    cfg = PreprocessConfig(out=str(tmp_path))
+    fs, root = storage.resolve(str(tmp_path))
+    assert _with_jpeg_quality(fs, root, cfg).jpeg_quality == 95
+    (tmp_path / "dataset.json").write_text(json.dumps({"flow": "tvl1", "jpeg_quality": 90}))
+    assert _with_jpeg_quality(fs, root, cfg).jpeg_quality == 90
+    (tmp_path / "dataset.json").write_text(json.dumps({"flow": "tvl1"}))  # before it was recorded
+    assert _with_jpeg_quality(fs, root, cfg).jpeg_quality == 90
+    explicit = dataclasses.replace(cfg, jpeg_quality=75)
+    assert _with_jpeg_quality(fs, root, explicit).jpeg_quality == 75

@@ -331,7 +331,9 @@ def test_sweep_killed_driver_resumes_then_reports_registers_and_evaluates(
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     fused = float(re.search(r"fused (\d+\.\d)%", proc.stdout).group(1))
-    assert "6 test videos" in proc.stdout
+    assert "6 test videos" in proc.stdout and "(window/logits)" in proc.stdout
+    for protocol in ("window/logits", "window/softmax", "global/logits", "global/softmax"):
+        assert f"test protocol {protocol}: appearance" in proc.stdout  # all from one pass
     import torch
 
     from stm.train.registry import fetch_model

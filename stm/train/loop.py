@@ -150,6 +150,7 @@ def updates_per_epoch(num_train: int, world: int, cfg: TrainConfig) -> int:
 
 
 PREFETCH_BATCHES = 2  # micro-batches Ray's iterator thread prepares ahead of the step
+SHUFFLE_BUFFER = 32  # videos at least in each worker's local shuffle buffer (and 4 BN batches)
 
 
 def train_batches(
@@ -161,7 +162,7 @@ def train_batches(
     kwargs = dict(
         batch_size=cfg.bn_batch,
         drop_last=True,
-        local_shuffle_buffer_size=4 * cfg.bn_batch,
+        local_shuffle_buffer_size=max(SHUFFLE_BUFFER, 4 * cfg.bn_batch),
         prefetch_batches=PREFETCH_BATCHES,
     )
     if decoder is None:

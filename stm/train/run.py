@@ -213,6 +213,7 @@ def run_training(
     from ray.train.torch import TorchTrainer
 
     started = time.time()
+    cfg = cfg.resolved()  # the effective values, in the MLflow params and the checkpoints
     uri = tracking.resolve_uri(cfg.mlflow_uri)
     try:  # before anything is computed: a cluster's hours are not spent untracked
         tracking.check_reachable(uri)
