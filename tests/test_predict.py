@@ -17,6 +17,8 @@ import torch
 from stm.config import embedded_default, to_dict
 from stm.data.synthetic import SYNTHETIC_CLASSES, generate_synthetic
 
+from tiny import own_lines  # tests/tiny.py
+
 ROOT = Path(__file__).resolve().parents[1]
 MODEL = "stm-predict-test"
 
@@ -168,5 +170,5 @@ def test_predict_usage_errors_are_one_line_and_exit_2(registered, capsys, args, 
     with pytest.raises(SystemExit) as exit_:
         _predict_main()([registered["video"], *args, "--mlflow-uri", registered["uri"]])
     assert exit_.value.code == 2
-    lines = [ln for ln in capsys.readouterr().err.splitlines() if ln.strip()]
+    lines = own_lines(capsys.readouterr().err)  # not the training workers' forwarded logs
     assert len(lines) == 1 and lines[0].startswith("predict.py: error: ") and message in lines[0]

@@ -25,6 +25,8 @@ from stm.data import shards as S
 from stm.data.preprocess import flow_actor_pool, run_preprocess
 from stm.data.synthetic import SYNTHETIC_CLASSES, generate_synthetic, write_video
 
+from tiny import own_lines  # tests/tiny.py
+
 REPO = Path(__file__).resolve().parents[1]
 JOB = [sys.executable, str(REPO / "jobs" / "preprocess.py")]
 BAD = {  # video_id -> what the reason must mention
@@ -175,7 +177,7 @@ def test_usage_errors_are_one_line_with_status_2(args, message, tmp_path: Path, 
     except SystemExit as e:  # argparse's own errors
         status = e.code
     assert status == 2
-    lines = [ln for ln in capsys.readouterr().err.splitlines() if ln.strip()]
+    lines = own_lines(capsys.readouterr().err)  # not an earlier test's actors' logs
     assert len(lines) == 1 and message in lines[0], lines
 
 

@@ -22,6 +22,8 @@ from stm.train.grids import BUILTIN, GRIDS, load_grid, table2, table3, trial_con
 from stm.train.report import TrialRow, paper_results, write_report
 from stm.train.sweep import SweepState, best_row
 
+from tiny import own_lines  # tests/tiny.py
+
 ROOT = Path(__file__).resolve().parents[1]
 SMOKE_FLAGS = [
     *("--epochs", "1", "--batch-size", "8", "--bn-batch", "4", "--crop-size", "48"),
@@ -169,8 +171,7 @@ def test_bad_grid_file_is_one_line_and_exit_2(tmp_path, capsys, grid, message):
     with pytest.raises(SystemExit) as exit_:
         _sweep_main()(["--grid", str(path)])
     assert exit_.value.code == 2
-    err = capsys.readouterr().err
-    lines = [ln for ln in err.splitlines() if ln.strip()]
+    lines = own_lines(capsys.readouterr().err)  # not other tests' forwarded Ray worker logs
     assert len(lines) == 1 and lines[0].startswith("sweep.py: error: ") and message in lines[0]
 
 
