@@ -634,3 +634,21 @@ def test_test_clip_sampler_batch():
     assert out["label"].tolist() == [2, 4] and out["label"].dtype == np.int64
     full = C.TestClipSampler(C.TestClipSpec(num_frames=5))(_numpy_batch(rows))
     assert full["rgb"].shape == (2, 2, 5, 3, H, W)
+
+
+def test_a_batch_without_split_videos_is_an_empty_tensor_table() -> None:
+    """Ray Data turns an empty (0, ...) clip array into pickled objects, with a warning each
+    time; the ingest hands it a typed empty table instead (the schema of non-empty batches)."""
+    from stm.train.ingest import empty_tensor_table
+
+    table = empty_tensor_table(
+        {
+            "rgb": np.zeros((0, 3, 3, 8, 8), np.uint8),
+            "flow": np.zeros((0, 3, 4, 8, 8), np.uint8),
+            "label": np.zeros(0, np.int64),
+        }
+    )
+    assert table.num_rows == 0 and table.schema.field("label").type == "int64"
+    for name, shape in (("rgb", (3, 3, 8, 8)), ("flow", (3, 4, 8, 8))):
+        kind = table.schema.field(name).type
+        assert "ArrowTensorTypeV2" in type(kind).__name__ and tuple(kind.shape) == shape

@@ -258,3 +258,18 @@ def test_fractional_gpus_with_several_workers_is_a_config_error(gpus):
     assert TrainConfig(num_workers=1, gpus_per_worker=gpus).gpus_per_worker == gpus
     with pytest.raises(ValueError, match="whole number"):
         TrainConfig(num_workers=2, gpus_per_worker=1.5)
+
+
+def test_one_readable_log_line_per_epoch():
+    from stm.train.loop import epoch_line
+
+    metrics = {
+        "epoch": 4.0, "lr": 2e-3, "train_loss": 1.23456, "train_chunks_per_s": 41.25,
+        "train_clip_acc_motion": 0.5, "test_video_acc_motion": 0.75,
+    }  # fmt: skip
+    line = epoch_line(metrics, 16)
+    assert (
+        line
+        == "epoch 4/16  lr 2.0e-03  loss 1.235  train motion 50.0%  test motion 75.0%  41.2 chunks/s"
+    )
+    assert "\n" not in line and "{" not in line

@@ -53,9 +53,28 @@ def split_sizes(data: str, split: int) -> tuple[int, int]:
     return int(in_split(table, split, True).sum()), int(in_split(table, split, False).sum())
 
 
-def _clips(batch: pa.Table, *, split: int, train: bool, sampler: Any) -> dict[str, np.ndarray]:
+def _clips(batch: pa.Table, *, split: int, train: bool, sampler: Any) -> Any:
     """Keep the split's videos of a batch of shard rows, then sample their clips."""
-    return sampler(batch.filter(in_split(batch, split, train)))
+    out = sampler(batch.filter(in_split(batch, split, train)))
+    if isinstance(out, dict) and len(out.get("label", ())) == 0:
+        return empty_tensor_table(out)
+    return out
+
+
+def empty_tensor_table(columns: dict[str, np.ndarray]) -> pa.Table:
+    """Zero rows of clip arrays as the Arrow table Ray Data would make of non-empty ones (its
+    tensor extension type per multi-dimensional column). Ray converts an empty (0, ...) array
+    only by pickling it, with a warning every time a batch holds none of the split's videos."""
+    from ray.data.extensions import ArrowTensorTypeV2
+
+    table = {}
+    for name, values in columns.items():
+        if values.ndim == 1:
+            table[name] = pa.array(values)
+        else:
+            kind = ArrowTensorTypeV2(values.shape[1:], pa.from_numpy_dtype(values.dtype))
+            table[name] = pa.ExtensionArray.from_storage(kind, pa.array([], kind.storage_type))
+    return pa.table(table)
 
 
 def build_datasets(cfg: TrainConfig) -> dict[str, Any]:

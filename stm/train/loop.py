@@ -143,6 +143,23 @@ def param_groups(
     ]
 
 
+def epoch_line(metrics: dict[str, float], epochs: int) -> str:
+    """One readable log line per epoch: lr, loss, the training clips' and (when evaluated) the
+    test videos' accuracies, throughput."""
+    names = ("appearance", "motion", "fused")
+
+    def accs(prefix: str) -> str:
+        return " ".join(f"{n} {metrics[prefix + n]:.1%}" for n in names if prefix + n in metrics)
+
+    line = (
+        f"epoch {metrics['epoch']:.0f}/{epochs}  lr {metrics['lr']:.1e}  "
+        f"loss {metrics['train_loss']:.3f}  train {accs('train_clip_acc_')}"
+    )
+    if any(k.startswith("test_video_acc_") for k in metrics):
+        line += f"  test {accs('test_video_acc_')}"
+    return line + f"  {metrics[THROUGHPUT]:.1f} chunks/s"
+
+
 def updates_per_epoch(num_train: int, world: int, cfg: TrainConfig) -> int:
     """Optimiser updates in one epoch on every worker (equal shards, full micro-batches)."""
     micro = (num_train // world) // cfg.bn_batch
@@ -297,5 +314,5 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                 tracking.log_metrics(uri, run_id, metrics, step=epoch)
                 if epoch == cfg.epochs and confusions is not None:
                     tracking.log_evaluation(uri, run_id, confusions, class_names)
-                log.info("epoch %d: %s", epoch, {k: round(v, 4) for k, v in metrics.items()})
+                log.info("%s", epoch_line(metrics, cfg.epochs))
             ray.train.report(metrics, checkpoint=checkpoint)
