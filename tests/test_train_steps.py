@@ -268,8 +268,6 @@ def test_one_readable_log_line_per_epoch():
         "train_clip_acc_motion": 0.5, "test_video_acc_motion": 0.75,
     }  # fmt: skip
     line = epoch_line(metrics, 16)
-    assert (
-        line
-        == "epoch 4/16  lr 2.0e-03  loss 1.235  train motion 50.0%  test motion 75.0%  41.2 chunks/s"
-    )
+    expected = "epoch 4/16  lr 2.0e-03  loss 1.235  train motion 50.0%  test motion 75.0%"
+    assert line == expected + "  41.2 chunks/s"
     assert "\n" not in line and "{" not in line
