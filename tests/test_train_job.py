@@ -121,6 +121,12 @@ def test_two_worker_run_logs_to_mlflow_and_syncs_once_per_update(synthetic, tmp_
     assert run.data.params["model.fusion"] == "residual_mul"
     assert run.data.params["batch_size"] == "8" and run.data.params["decode"] == "device"
     assert run.data.tags["stage"] == "fused" and "residual_mul" in run.data.tags["variant"]
+    # the UI: the run says what it trained on what; the experiment opens on its training runs
+    description = run.data.tags["mlflow.note.content"]
+    assert "fused stage" in description and "24 training, 6 test videos" in description
+    assert run.data.params["lr"] == "0.005" and run.data.params["init"] == "scratch"
+    experiment = client.get_experiment(run.info.experiment_id)
+    assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"
     history = client.get_metric_history(summary.run_id, "train_loss")
     assert [h.step for h in history] == [1, 2]
     assert client.get_metric_history(summary.run_id, "test_video_acc_fused")

@@ -181,6 +181,19 @@ def _imagenet_state(cfg: TrainConfig) -> dict[str, Any]:
     return {k: v for k, v in model.state_dict().items() if k.startswith(keep)}
 
 
+def describe(cfg: TrainConfig, num_train: int, num_test: int, init: str) -> str:
+    """What a run trains on what, for its description in the MLflow UI."""
+    m = cfg.model
+    streams = f"{m.appearance_arch} appearance + {m.motion_arch} motion"
+    if cfg.stage != "fused":
+        streams = f"{m.appearance_arch if cfg.stage == 'appearance' else m.motion_arch} {cfg.stage}"
+    return (
+        f"stm {cfg.stage} stage: {streams}, {m.variant}; data {cfg.data or 'synthetic'} split "
+        f"{cfg.split} ({num_train} training, {num_test} test videos); init {init}; "
+        f"{cfg.epochs} epochs of {cfg.batch_size} videos per update on {cfg.num_workers} workers"
+    )
+
+
 def _init_ray() -> None:
     """A local instance (with the dashboard: Train's placement-group cleaner and the State API
     use it), or the cluster of ``ray job submit`` / ``RAY_ADDRESS`` / ``ray start``."""
@@ -251,7 +264,13 @@ def run_training(
         }
         run_tags.update(tags or {})
         run_id = tracking.start_run(
-            uri, cfg.experiment, name, to_dict(cfg), run_tags, parent_run_id=parent_run_id
+            uri,
+            cfg.experiment,
+            name,
+            to_dict(cfg),
+            run_tags,
+            parent_run_id=parent_run_id,
+            description=describe(cfg, num_train, num_test, source),
         )
         write_text(f"{storage}/{name}/{tracking.RUN_ID_FILE}", run_id)
     write_text(f"{storage}/{LATEST_FILE}", name)

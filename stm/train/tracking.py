@@ -72,9 +72,14 @@ def check_reachable(uri: str, timeout_s: float = 10.0) -> None:
                 os.environ[k] = v
 
 
+EXPERIMENT_TAGS = {"mlflow.experimentKind": "custom_model_development"}  # the MLflow 3 UI's view
+DESCRIPTION_TAG = "mlflow.note.content"  # a run's description in the MLflow UI
+
+
 def experiment_id(uri: str, name: str) -> str:
     """The experiment's id, created on first use; a local SQLite store gets its artifacts in
-    ``mlartifacts/`` beside the database (absolute, so workers find it)."""
+    ``mlartifacts/`` beside the database (absolute, so workers find it). The experiment is
+    marked a model-training one, so that MLflow 3's UI opens it on its runs, not its GenAI view."""
     client = mlflow_client(uri)
     exp = client.get_experiment_by_name(name)
     if exp is not None:
@@ -83,7 +88,7 @@ def experiment_id(uri: str, name: str) -> str:
     if uri.startswith("sqlite:///"):
         location = (Path(uri[len("sqlite:///") :]).parent / "mlartifacts").as_uri()
     try:
-        return client.create_experiment(name, artifact_location=location)
+        return client.create_experiment(name, artifact_location=location, tags=EXPERIMENT_TAGS)
     except Exception:  # created concurrently by another driver
         exp = client.get_experiment_by_name(name)
         if exp is None:
@@ -110,14 +115,18 @@ def start_run(
     params: Mapping[str, Any],
     tags: Mapping[str, str],
     parent_run_id: str = "",
+    description: str = "",
 ) -> str:
-    """Create a run with every config value as a param; returns its id."""
+    """Create a run with every config value as a param (and ``description`` as the run's
+    description in the UI); returns its id."""
     from mlflow.entities import Param, RunTag
 
     client = mlflow_client(uri)
     all_tags = dict(tags)
     if parent_run_id:
         all_tags["mlflow.parentRunId"] = parent_run_id
+    if description:
+        all_tags[DESCRIPTION_TAG] = description
     run = client.create_run(experiment_id(uri, experiment), run_name=run_name, tags=all_tags)
     items = [Param(k, v[:6000]) for k, v in flatten(params).items()]
     for i in range(0, len(items), 100):
