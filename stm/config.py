@@ -89,6 +89,12 @@ def check_name(what: str, value: str, *, empty: bool = False) -> None:
         )
 
 
+def check_device(device: str) -> None:
+    """ "" (CUDA when there is one), cpu, cuda or cuda:N; anything else is a one-line error."""
+    if device and not re.match(r"^(cpu|cuda(:\d+)?)$", device):
+        raise UsageError(f"invalid --device {device!r}: cpu, cuda or cuda:N")
+
+
 def _flag(name: str) -> str:
     return "--" + name.replace("_", "-")
 
@@ -251,15 +257,8 @@ class TrainConfig:
             raise UsageError(f"invalid --gpus-per-worker {g:g}: above 1, a whole number")
         if (self.appearance_init or self.motion_init) and self.init in ("imagenet", "scratch"):
             raise UsageError(f"--init {self.init} and --appearance-init/--motion-init disagree")
-        if self.data and self.resolved_init == "streams":
-            needed = ("appearance", "motion") if self.stage == "fused" else (self.stage,)
-            missing = [f"--{s}-init" for s in needed if not getattr(self, f"{s}_init")]
-            if missing:
-                raise UsageError(
-                    f"the {self.stage} stage starts from the stream runs (Sect. 4.1): give "
-                    f"{' and '.join(missing)} (MLflow run ids or checkpoints), or choose "
-                    "--init imagenet or --init scratch"
-                )
+        if self.data:  # real data: the paper's start, or an explicit choice (the preset has none)
+            self.check_stream_inits()
         per_worker, rest = divmod(self.batch_size, self.num_workers)
         if rest or per_worker % self.bn_batch:
             raise UsageError(
@@ -290,6 +289,20 @@ class TrainConfig:
         if self.crop != "auto":
             return self.crop
         return "multiscale" if self.stage == "motion" else "jitter"
+
+    def check_stream_inits(self) -> None:
+        """One-line ``UsageError`` when the run starts from stream runs it was not given (the
+        fused stage needs both)."""
+        if self.resolved_init != "streams":
+            return
+        needed = ("appearance", "motion") if self.stage == "fused" else (self.stage,)
+        missing = [f"--{s}-init" for s in needed if not getattr(self, f"{s}_init")]
+        if missing:
+            raise UsageError(
+                f"the {self.stage} stage starts from the stream runs (Sect. 4.1): give "
+                f"{' and '.join(missing)} (MLflow run ids or checkpoints), or choose "
+                "--init imagenet or --init scratch"
+            )
 
     def resolved(self) -> TrainConfig:
         """This config with its "choose for me" values made explicit (lr 0 -> the stage's,
@@ -400,8 +413,7 @@ class PredictConfig:
         if self.flow is not None:
             check_choice("flow", self.flow, FLOWS)
         _bounds(self, short_side=(0, MAX_FRAME_SIDE), test_frames=(1, 250), top_k=(1, 100_000))
-        if self.device and not re.match(r"^(cpu|cuda(:\d+)?)$", self.device):
-            raise UsageError(f"invalid --device {self.device!r}: cpu, cuda or cuda:N")
+        check_device(self.device)
 
 
 @dataclass(frozen=True)
@@ -420,8 +432,7 @@ class EvaluateConfig:
         if not self.data:
             raise UsageError("--data is required")
         _bounds(self, split=(1, 10), limit=(1, None))
-        if self.device and not re.match(r"^(cpu|cuda(:\d+)?)$", self.device):
-            raise UsageError(f"invalid --device {self.device!r}: cpu, cuda or cuda:N")
+        check_device(self.device)
 
 
 T = TypeVar("T")

@@ -134,15 +134,8 @@ def initial_state(cfg: TrainConfig, uri: str) -> tuple[dict[str, Any] | None, st
         return None, "scratch"
     if how == "imagenet":
         return _imagenet_state(cfg), "ImageNet"
+    cfg.check_stream_inits()
     refs = {"appearance": cfg.appearance_init, "motion": cfg.motion_init}
-    needed = ("appearance", "motion") if cfg.stage == "fused" else (cfg.stage,)
-    missing = [s for s in needed if not refs[s]]
-    if missing:
-        flags = " and ".join(f"--{s}-init" for s in missing)
-        raise UsageError(
-            f"the {cfg.stage} stage starts from the stream runs (Sect. 4.1): give {flags} "
-            "(MLflow run ids or checkpoints), or choose --init imagenet or --init scratch"
-        )
     state: dict[str, Any] = {}
     for stream, ref in refs.items():
         if ref:
