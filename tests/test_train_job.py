@@ -102,7 +102,7 @@ def mlflow_client(tmp: Path):
 def test_two_worker_run_logs_to_mlflow_and_syncs_once_per_update(synthetic, tmp_path):
     """Also the --decode device path end to end: Ray Data ships planned clips (JPEG bytes) and
     each worker decodes them with torchvision (on the CPU here, nvJPEG on a GPU)."""
-    from stm.train.loop import model_from_checkpoint
+    from stm.train.checkpoint import model_from_checkpoint
     from stm.train.run import run_training
 
     cfg = smoke_config(synthetic, tmp_path, name="two-workers", decode="device")

@@ -10,19 +10,19 @@ import math
 import os
 import tempfile
 from collections.abc import Iterable
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 import torch.distributed as dist
 
-from stm.config import TrainConfig, from_dict, to_dict
+from stm.config import TrainConfig, from_dict
 from stm.data.clips import train_clip_spec
 from stm.data.device_clips import DeviceClipDecoder
 from stm.model import build_model, to_channels_last
 from stm.model.two_stream import TwoStreamNet
 from stm.train import tracking
+from stm.train.checkpoint import CHECKPOINT_FILE, checkpoint_state, load_checkpoint
 from stm.train.steps import (
     THROUGHPUT,
     accuracy,
@@ -35,47 +35,7 @@ from stm.train.steps import (
 
 log = logging.getLogger(__name__)
 
-CHECKPOINT_FILE = "checkpoint.pt"
 SCORE = "score"  # the metric that ranks checkpoints: fused (or the stage's stream) video accuracy
-
-
-def checkpoint_state(
-    model: TwoStreamNet,
-    optimizer: torch.optim.Optimizer,
-    scheduler: torch.optim.lr_scheduler.LRScheduler,
-    epoch: int,
-    cfg: TrainConfig,
-    metrics: dict[str, float],
-    class_names: list[str] | None = None,
-) -> dict[str, Any]:
-    """A self-describing checkpoint: it alone rebuilds the model (it carries the config and
-    the class names)."""
-    return {
-        "model": model.state_dict(),
-        "optimizer": optimizer.state_dict(),
-        "scheduler": scheduler.state_dict(),
-        "epoch": epoch,
-        "config": to_dict(cfg),
-        "metrics": dict(metrics),
-        "class_names": list(class_names or []),
-    }
-
-
-def load_checkpoint(path: str | Path) -> dict[str, Any]:
-    """A checkpoint file (or a directory holding ``checkpoint.pt``), tensors on the CPU."""
-    path = Path(path)
-    if path.is_dir():
-        path = path / CHECKPOINT_FILE
-    return torch.load(path, map_location="cpu", weights_only=True)
-
-
-def model_from_checkpoint(path: str | Path) -> tuple[TwoStreamNet, TrainConfig]:
-    """Rebuild the trained network from a checkpoint alone."""
-    state = load_checkpoint(path)
-    cfg = from_dict(TrainConfig, state["config"])
-    model = build_model(cfg.model)
-    model.load_state_dict(state["model"])
-    return model, cfg
 
 
 def freeze_unused_stream(model: TwoStreamNet, stage: str) -> None:
@@ -189,8 +149,9 @@ def train_batches(
 
 def train_loop_per_worker(config: dict[str, Any]) -> None:
     """The per-worker loop. ``config``: ``cfg`` (a TrainConfig dict), ``num_train`` (training
-    videos), ``class_names``, ``tracking_uri``, ``run_id`` and an optional ``init`` (an
-    object ref to a state dict that initialises a new run)."""
+    videos), ``class_names``, ``dataset`` (the data's preprocessing settings, kept in every
+    checkpoint), ``tracking_uri``, ``run_id`` and an optional ``init`` (an object ref to a
+    state dict that initialises a new run)."""
     import ray.train
     import ray.train.torch
     from ray.train import Checkpoint
@@ -243,6 +204,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     test_shard = ray.train.get_dataset_shard("test")
     uri, run_id = config["tracking_uri"], config["run_id"]
     class_names = config["class_names"]
+    dataset = config.get("dataset") or {}
     score = float(state["metrics"].get(SCORE, 0.0)) if state is not None else 0.0
     decoder = None
     if cfg.decode == "device":
@@ -307,7 +269,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             checkpoint = None
             if rank == 0:
                 torch.save(
-                    checkpoint_state(net, optimizer, scheduler, epoch, cfg, metrics, class_names),
+                    checkpoint_state(
+                        net, optimizer, scheduler, epoch, cfg, metrics, class_names, dataset
+                    ),
                     os.path.join(tmp, CHECKPOINT_FILE),
                 )
                 checkpoint = Checkpoint.from_directory(tmp)

@@ -50,7 +50,7 @@ class Prediction:
 def load_model_dir(path: str | Path, source: str = "") -> LoadedModel:
     """A model folder (``stm.train.registry.bundle``) or a bare checkpoint file / folder."""
     from stm.data.shards import read_classes, read_dataset_info
-    from stm.train.loop import load_checkpoint, model_from_checkpoint
+    from stm.train.checkpoint import load_checkpoint, model_from_checkpoint
 
     path = Path(path)
     folder = path if path.is_dir() else path.parent

@@ -16,8 +16,9 @@ from stm.config import TrainConfig, UsageError, to_dict
 from stm.data.shards import list_parquet, read_classes
 from stm.storage import absolute, read_text, resolve, write_text
 from stm.train import tracking
+from stm.train.checkpoint import load_checkpoint
 from stm.train.ingest import build_datasets, data_config, split_sizes
-from stm.train.loop import SCORE, load_checkpoint, train_loop_per_worker
+from stm.train.loop import SCORE, train_loop_per_worker
 
 log = logging.getLogger(__name__)
 
