@@ -1,6 +1,7 @@
 """Rerun the paper's test protocol with a trained model on a split of a preprocessed dataset.
 
-    python jobs/evaluate.py --model models:/stm/latest --data OUT --split 1
+    python jobs/evaluate.py --data OUT --split 1       # models:/stm@best-<OUT's name>-split1
+    python jobs/evaluate.py --model models:/stm/3 --data OUT --split 1
     python jobs/evaluate.py --run-id RUN --data OUT --split 2 --device cuda
 
 Prints the video accuracy of the appearance stream, the motion stream and their fusion (the

@@ -1,13 +1,16 @@
 """Classify a video with a trained model: the paper's test protocol, top-5 classes.
 
-    python jobs/predict.py VIDEO --model models:/stm/latest      # the newest registered version
-    python jobs/predict.py VIDEO --model models:/stm/3            # or @ALIAS, runs:/RUN/model
+    python jobs/predict.py VIDEO                                  # the best model (models:/stm@best)
+    python jobs/predict.py VIDEO --model models:/stm@best-ucf101-split1   # a dataset's best
+    python jobs/predict.py VIDEO --model models:/stm/3            # a version, or /latest
     python jobs/predict.py VIDEO --run-id RUN                     # a training or sweep trial run
-    python jobs/predict.py VIDEO --model runs/NAME/checkpoint_x   # a local checkpoint
+    python jobs/predict.py VIDEO --model ~/stm_results/runs/NAME/checkpoint_x/checkpoint.pt
 
-The video is decoded, resized and its optical flow computed as the training data was (the
-model carries its dataset.json; --flow / --short-side override), then scored on 25 frames and
-their flips, whole frames, both streams averaged.
+The video is decoded, resized and its optical flow computed as the model's training data was
+(its checkpoint carries the dataset's settings; --flow / --short-side override; a model that
+does not say needs both), then scored on 25 frames and their flips, whole frames, both streams.
+The store is the home's (~/stm_results/mlflow.db, $STM_HOME) unless --mlflow-uri or
+$MLFLOW_TRACKING_URI say otherwise.
 """
 
 from __future__ import annotations

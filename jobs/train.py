@@ -58,6 +58,9 @@ def main(argv: list[str] | None = None) -> int:
     print(f"test video accuracy: {accs}  ({videos:.0f} videos, epoch {epoch:.0f})")
     print(f"run {summary.name} ({summary.run_id}) in {summary.seconds:.0f} s")
     print(f"best checkpoint: {summary.best_checkpoint}")
+    if summary.registered:
+        print(f"registered: {summary.registered}")
+    print(f"MLflow store: {summary.tracking_uri}")
     print(f"browse: mlflow ui --backend-store-uri {summary.tracking_uri}")
     return 0
 

@@ -212,11 +212,16 @@ class TrainConfig:
     cpus_per_worker: float = 1.0  # CPUs per worker
     max_failures: int = 3  # worker-group restarts from the latest checkpoint
     keep_checkpoints: int = 2  # checkpoints kept: the best k by fused test accuracy
-    storage_path: str = "runs"  # runs and checkpoints: a local path or s3:// / gs:// URI
+    # runs and checkpoints: a local path or s3:// / gs:// URI; "" = <home>/runs (stm.home:
+    # $STM_HOME, else ~/stm_results)
+    storage_path: str = ""
     name: str = ""  # run name ("" = stage, variant and time); reuse only to resume
     # MLflow
-    mlflow_uri: str = ""  # tracking URI; "" = $MLFLOW_TRACKING_URI, else sqlite:///<cwd>/mlflow.db
+    mlflow_uri: str = ""  # tracking URI; "" = $MLFLOW_TRACKING_URI, else <home>/mlflow.db
     experiment: str = "stm"  # the MLflow experiment
+    # register the best checkpoint as a version of this model ("" = do not); the alias
+    # best-<dataset>-split<k> follows the best score per dataset and split, best the latest's
+    model_name: str = "stm"
 
     def __post_init__(self) -> None:
         _check_literals(self)
@@ -247,6 +252,7 @@ class TrainConfig:
             raise UsageError(f"invalid --lr-milestones {self.lr_milestones}: epochs from 1")
         check_name("--name", self.name, empty=True)
         check_name("--experiment", self.experiment)
+        check_name("--model-name", self.model_name, empty=True)
         g = self.gpus_per_worker
         if self.num_workers > 1 and 0 < g < 1:
             raise UsageError(
@@ -383,13 +389,11 @@ class SweepConfig:
     asha: bool = False  # stop poor trials early (asynchronous successive halving on "score")
     asha_grace: int = 1  # epochs every trial runs before ASHA may stop it
     name: str = ""  # the sweep's name ("" = sweep-<grid>-<time>); reuse only with --resume
-    model_name: str = "stm"  # the registry name of the best model ("" = do not register)
     retry_failed: bool = False  # on resume, run the failed trials again
 
     def __post_init__(self) -> None:
         _bounds(self, max_concurrent=(0, 10_000), trial_cpus=(0.0, 1024.0), asha_grace=(1, None))
         check_name("--name", self.name, empty=True)
-        check_name("--model-name", self.model_name, empty=True)
 
 
 @dataclass(frozen=True)
@@ -397,9 +401,11 @@ class PredictConfig:
     """Classify one video with a trained model (``stm.train.predict.run_predict``)."""
 
     video: str = ""  # a video file (local path or s3:// / gs:// URI)
-    model: str = ""  # a registered model (models:/NAME/latest, models:/NAME/N, ...) or a folder
+    # a registered model (models:/NAME@ALIAS, models:/NAME/N, models:/NAME/latest), a
+    # checkpoint file or folder; "" = models:/stm@best (the best of the data trained last)
+    model: str = ""
     run_id: str = ""  # an MLflow training run instead of --model
-    mlflow_uri: str = ""  # tracking URI; "" = $MLFLOW_TRACKING_URI, else sqlite:///<cwd>/mlflow.db
+    mlflow_uri: str = ""  # tracking URI; "" = $MLFLOW_TRACKING_URI, else <home>/mlflow.db
     flow: Flow | None = None  # the flow estimator; unset: the one the model's data used
     # resize the video's short side to this; unset: as the model's data, 0 = native size
     short_side: int | None = None
@@ -422,9 +428,11 @@ class EvaluateConfig:
 
     data: str = ""  # a preprocessed dataset (jobs/preprocess.py); required
     split: int = 1  # the official split to test on (1-based)
-    model: str = ""  # a registered model (models:/NAME/latest, models:/NAME/N, ...) or a folder
+    # a registered model (models:/NAME@ALIAS, models:/NAME/N, ...), a checkpoint file or
+    # folder; "" = models:/stm@best-<dataset>-split<k>, the best of this data and split
+    model: str = ""
     run_id: str = ""  # an MLflow training run instead of --model
-    mlflow_uri: str = ""  # tracking URI; "" = $MLFLOW_TRACKING_URI, else sqlite:///<cwd>/mlflow.db
+    mlflow_uri: str = ""  # tracking URI; "" = $MLFLOW_TRACKING_URI, else <home>/mlflow.db
     limit: int | None = None  # only the first N test videos; unset: all
     device: str = ""  # cpu | cuda; "" = cuda if available
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import tempfile
 
 import pytest
 
@@ -10,6 +11,10 @@ import pytest
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("RAY_DEDUP_LOGS", "0")
 os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+# stm's home (results, the MLflow store, fetched models) is the session's own, never ~/stm_results:
+# set before Ray starts, so every Ray worker and every subprocess a test starts inherits it.
+os.environ["STM_HOME"] = tempfile.mkdtemp(prefix="stm-test-home-")
+os.environ.pop("MLFLOW_TRACKING_URI", None)
 
 
 @pytest.fixture(scope="session")

@@ -1,6 +1,7 @@
-"""Registered models: a checkpoint into the MLflow registry and back out of ``models:/`` URIs,
-``jobs/predict.py`` on a synthetic video, the pyfunc flavour. No Ray, no training: a randomly
-initialised small network is enough to check ranking and the round trip."""
+"""Registered models: a checkpoint into the MLflow registry and back out of ``models:/`` URIs
+(the ``best`` aliases, versions, run ids, one cached copy each), ``jobs/predict.py`` on a
+synthetic video, the preprocessing that travels with a model, the pyfunc flavour. No Ray, no
+training: a randomly initialised small network is enough to check ranking and the round trip."""
 
 from __future__ import annotations
 
@@ -23,12 +24,16 @@ ROOT = Path(__file__).resolve().parents[1]
 MODEL = "stm-predict-test"
 
 
+SCORES = (0.4, 0.7, 0.5)  # three runs' scores: version 2 is the best
+
+
 @pytest.fixture(scope="module")
 def registered(tmp_path_factory) -> dict:
-    """Two registered versions of one random small model, a synthetic video, the store URI."""
+    """Three registered versions of one random small model (three runs of one dataset and
+    split), a synthetic video, the store URI."""
     from stm.model import build_model
     from stm.train import tracking
-    from stm.train.registry import register_checkpoint
+    from stm.train.registry import log_model, register_run
 
     tmp = tmp_path_factory.mktemp("predict")
     uri = f"sqlite:///{tmp / 'mlflow.db'}"
@@ -45,16 +50,18 @@ def registered(tmp_path_factory) -> dict:
     ckpt.mkdir()
     state = {"model": model.state_dict(), "config": to_dict(cfg), "epoch": 1, "metrics": {}}
     torch.save({**state, "class_names": list(SYNTHETIC_CLASSES)}, ckpt / "checkpoint.pt")
-    run_id = tracking.start_run(uri, "stm", "predict-test", to_dict(cfg), {"kind": "test"})
-    tracking.end_run(uri, run_id)
-    versions = [
-        register_checkpoint(uri, run_id, ckpt, MODEL, data=str(data), tags={"variant": "x"})
-        for _ in range(2)
-    ]
+    runs, versions = [], []
+    for score in SCORES:
+        run_id = tracking.start_run(uri, "stm", "predict-test", to_dict(cfg), {"kind": "test"})
+        log_model(uri, run_id, ckpt)
+        versions.append(register_run(uri, run_id, MODEL, score=score, data=str(data), split=1))
+        tracking.end_run(uri, run_id)
+        runs.append(run_id)
     videos = Path(generate_synthetic(str(tmp / "videos"), num_videos=6, num_frames=12))
     return {
         "uri": uri,
-        "run_id": run_id,
+        "run_id": runs[0],
+        "runs": runs,
         "versions": versions,
         "checkpoint": ckpt,
         "video": str(next(videos.glob("*_up/*.avi"))),
@@ -72,13 +79,14 @@ def _predict(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
     )
 
 
-def test_predict_job_prints_a_ranked_top5_from_the_latest_registered_version(registered):
-    assert registered["versions"] == [1, 2]
-    proc = _predict(
+def test_predict_job_uses_the_best_version_by_default_and_prints_a_ranked_top5(registered):
+    alias = "best-data-split1"  # the dataset folder "data", split 1
+    assert registered["versions"] == [(1, alias), (2, alias), (3, alias)]
+    proc = _predict(  # no --model: models:/stm@best, here --model models:/MODEL@best
         [
             registered["video"],
             "--model",
-            f"models:/{MODEL}/latest",
+            f"models:/{MODEL}@best",
             "--mlflow-uri",
             registered["uri"],
         ],
@@ -86,13 +94,60 @@ def test_predict_job_prints_a_ranked_top5_from_the_latest_registered_version(reg
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     lines = proc.stdout.strip().splitlines()
-    assert f"{MODEL} version 2" in lines[0]  # "latest" is the newest version
+    assert f"{MODEL} version 2" in lines[0]  # the highest score, not the newest version
     ranked = [ln.split() for ln in lines[1:]]
     assert [r[0] for r in ranked] == ["1.", "2.", "3.", "4.", "5."]
     names = [r[1] for r in ranked]
     scores = [float(r[2]) for r in ranked]
     assert set(names) <= set(SYNTHETIC_CLASSES) and len(set(names)) == 5
     assert scores == sorted(scores, reverse=True) and 0 < sum(scores) <= 1.0 + 1e-3
+    latest = _predict(
+        [registered["video"], "--model", f"models:/{MODEL}/latest"]
+        + ["--mlflow-uri", registered["uri"]],
+        registered["tmp"],
+    )
+    assert f"{MODEL} version 3" in latest.stdout.splitlines()[0]  # "latest": the newest
+
+
+def test_versions_carry_score_dataset_and_split_and_the_aliases_follow_the_best(registered):
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=registered["uri"])
+    versions = {int(v.version): v for v in client.search_model_versions(f"name = '{MODEL}'")}
+    for number, score in enumerate(SCORES, start=1):
+        tags = versions[number].tags
+        assert float(tags["score"]) == score and tags["dataset"] == "data"
+        assert tags["split"] == "1" and tags["stage"] == "fused"
+        assert versions[number].source.endswith("/model")  # the run's own model, no copy
+    for alias in ("best", "best-data-split1"):
+        assert str(client.get_model_version_by_alias(MODEL, alias).version) == "2"
+    mv = client.get_model_version(MODEL, "2")
+    from urllib.parse import urlparse
+
+    from mlflow.models import Model
+
+    info = Model.load(urlparse(mv.source).path)  # the local store's file:// artifacts
+    assert info.signature is not None and info.signature.inputs.input_names() == ["video"]
+    assert "python_model.pkl" not in {p.name for p in Path(urlparse(mv.source).path).iterdir()}
+
+
+def test_fetched_models_are_cached_once_per_run_under_the_home(registered):
+    from stm import home
+    from stm.train.registry import fetch_model
+
+    first, _ = fetch_model(registered["uri"], f"models:/{MODEL}/1")
+    again, _ = fetch_model(registered["uri"], run_id=registered["runs"][0])
+    assert first == again == home.model_cache() / registered["runs"][0]
+    stamp = (first / "checkpoint.pt").stat().st_mtime_ns
+    fetch_model(registered["uri"], f"models:/{MODEL}/1")
+    assert (first / "checkpoint.pt").stat().st_mtime_ns == stamp  # reused, not downloaded again
+    assert sorted(p.name for p in first.iterdir()) == [
+        ".complete",
+        "checkpoint.pt",
+        "classes.json",
+        "config.json",
+        "dataset.json",
+    ]
 
 
 def test_registry_round_trip_keeps_the_model_and_its_preprocessing(registered):
@@ -117,25 +172,42 @@ def test_registry_round_trip_keeps_the_model_and_its_preprocessing(registered):
     assert np.allclose(direct.scores["fused"], fused, atol=1e-6)
     # a run id works too (the run's "model" artifact)
     folder, source = fetch_model(registered["uri"], run_id=registered["run_id"])
-    assert (folder / "checkpoint.pt").is_file() and source.endswith("/model")
+    assert (folder / "checkpoint.pt").is_file() and source == f"run {registered['run_id']}"
 
 
 def test_pyfunc_flavour_predicts_top5_rows(registered):
-    import mlflow.artifacts
     import mlflow.pyfunc
+    import pandas as pd
 
     from stm.train.registry import model_version
 
     mv = model_version(registered["uri"], f"models:/{MODEL}/2")
-    local = mlflow.artifacts.download_artifacts(
-        artifact_uri=mv.source,
-        dst_path=str(registered["tmp"] / "pyfunc"),
-        tracking_uri=registered["uri"],
-    )
-    model = mlflow.pyfunc.load_model(local)
-    out = model.predict([registered["video"]])
-    assert list(out["rank"]) == [1, 2, 3, 4, 5]
+    mlflow.set_tracking_uri(registered["uri"])
+    try:
+        model = mlflow.pyfunc.load_model(mv.source)  # unpickles python_model.pkl: a trusted store
+    finally:
+        mlflow.set_tracking_uri(None)
+    out = model.predict(pd.DataFrame({"video": [registered["video"]]}), params={"top_k": 3})
+    assert list(out.columns) == ["video", "rank", "class", "score"]
+    assert list(out["rank"]) == [1, 2, 3]
     assert list(out["score"]) == sorted(out["score"], reverse=True)
+
+
+def test_a_model_that_does_not_say_its_preprocessing_needs_flow_and_short_side(
+    registered, tmp_path
+):
+    """Never a guess: a checkpoint whose data is gone and that carries no dataset settings."""
+    state = torch.load(registered["checkpoint"] / "checkpoint.pt", weights_only=True)
+    state["config"]["data"] = str(tmp_path / "gone")
+    torch.save(state, tmp_path / "orphan.pt")
+    args = [registered["video"], "--model", str(tmp_path / "orphan.pt"), "--device", "cpu"]
+    proc = _predict(args, tmp_path)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1 and "give --flow and --short-side" in lines[0], lines
+    proc = _predict([*args, "--flow", "dis", "--short-side", "0"], tmp_path)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "orphan.pt" in proc.stdout.splitlines()[0]  # that file, not a checkpoint.pt beside it
 
 
 def _predict_main():
@@ -162,7 +234,8 @@ def test_predict_bad_video_is_one_line_and_exit_2(registered):
         (["--model", "models:/no-such-model/latest"], "no registered model no-such-model"),
         (["--model", f"models:/{MODEL}/7"], f"--model models:/{MODEL}/7: "),
         (["--run-id", "0123456789abcdef"], "--run-id 0123456789abcdef: "),
-        ([], "give one of --model or --run-id"),
+        (["--model", "x", "--run-id", "y"], "give one of --model or --run-id"),
+        (["--model", "models:/no-such-model@best"], "(MLflow store sqlite:///"),
         (["--model", "x", "--top-k", "0"], "invalid --top-k 0: need between 1 and"),
     ],
 )

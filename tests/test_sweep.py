@@ -284,7 +284,7 @@ def test_sweep_killed_driver_resumes_then_reports_registers_and_evaluates(
     assert re.search(r"\| 8\.72 \| 37\.23 \| \d+\.\d\d \|", rows["residual_mul-m2a"])
     assert re.search(r"\| 9\.38 \| 41\.89 \| \d+\.\d\d \|", rows["residual_add-m2a"])
     assert "failed" in rows["no-such-split"] and "--split 3" in rows["no-such-split"]
-    assert "2 ok, 1 failed" in out and "registered as stm-sweep-test/1" in out
+    assert "2 ok, 1 failed" in out and "registered as stm-sweep-test/" in out
 
     client = MlflowClient(tracking_uri=uri)
     parents = client.search_runs(
@@ -317,14 +317,22 @@ def test_sweep_killed_driver_resumes_then_reports_registers_and_evaluates(
     failed = by_variant["no-such-split"]
     assert failed.info.status == "FAILED" and "--split 3" in failed.data.tags["error"]
 
-    # the best trial's model, registered; the test protocol rerun on the split agrees with
-    # the accuracy its checkpoint recorded during training
+    # every finished trial registered its model; the parent names the best trial's version,
+    # and the dataset's alias the highest score; evaluate defaults to that alias, and its rerun
+    # of the test protocol agrees with the accuracy the checkpoint recorded during training
     best = parent.data.tags["best_variant"]
-    (version,) = client.search_model_versions("name = 'stm-sweep-test'")
-    assert version.run_id == by_variant[best].info.run_id and version.tags["variant"] == best
+    versions = client.search_model_versions("name = 'stm-sweep-test'")
+    assert sorted(v.run_id for v in versions) == sorted(
+        by_variant[v].info.run_id for v in ("residual_mul-m2a", "residual_add-m2a")
+    )
+    name, number = parent.data.tags["registered_model"].split("/")
+    assert client.get_model_version(name, number).run_id == by_variant[best].info.run_id
+    alias = f"best-{Path(sweep_data).name.lower()}-split1"
+    top = client.get_model_version_by_alias("stm-sweep-test", alias)
+    assert float(top.tags["score"]) == max(float(v.tags["score"]) for v in versions)
     proc = subprocess.run(
         [sys.executable, str(ROOT / "jobs" / "evaluate.py"), "--data", sweep_data]
-        + ["--model", "models:/stm-sweep-test/latest", "--mlflow-uri", uri],
+        + ["--model", f"models:/stm-sweep-test@{alias}", "--mlflow-uri", uri],
         cwd=tmp_path,
         capture_output=True,
         text=True,
@@ -339,6 +347,6 @@ def test_sweep_killed_driver_resumes_then_reports_registers_and_evaluates(
 
     from stm.train.registry import fetch_model
 
-    folder, _ = fetch_model(uri, "models:/stm-sweep-test/1")
+    folder, _ = fetch_model(uri, f"models:/stm-sweep-test@{alias}")
     recorded = torch.load(folder / "checkpoint.pt", weights_only=True)["metrics"]
     assert fused == pytest.approx(100 * recorded["test_video_acc_fused"], abs=0.05)

@@ -68,7 +68,7 @@ def synthetic(tmp_path_factory, ray_local) -> str:
     from stm.data.preprocess import run_preprocess
 
     base = tmp_path_factory.mktemp("synthetic")
-    out = base / "data"
+    out = base / "synthetic"  # the dataset's name, in registry tags and aliases
     summary = run_preprocess(
         PreprocessConfig(
             source="synthetic",
@@ -102,7 +102,7 @@ def mlflow_client(tmp: Path):
 def test_two_worker_run_logs_to_mlflow_and_syncs_once_per_update(synthetic, tmp_path):
     """Also the --decode device path end to end: Ray Data ships planned clips (JPEG bytes) and
     each worker decodes them with torchvision (on the CPU here, nvJPEG on a GPU)."""
-    from stm.train.checkpoint import model_from_checkpoint
+    from stm.train.checkpoint import MODEL_CHECKPOINT, model_from_checkpoint
     from stm.train.run import run_training
 
     cfg = smoke_config(synthetic, tmp_path, name="two-workers", decode="device")
@@ -131,12 +131,24 @@ def test_two_worker_run_logs_to_mlflow_and_syncs_once_per_update(synthetic, tmp_
     assert [h.step for h in history] == [1, 2]
     assert client.get_metric_history(summary.run_id, "test_video_acc_fused")
     artifacts = {a.path for a in client.list_artifacts(summary.run_id)}
-    assert {"confusion_matrix.png", "per_class_accuracy.csv", "best_checkpoint"} <= artifacts
-    local = client.download_artifacts(summary.run_id, "best_checkpoint", str(tmp_path / "dl"))
+    assert {"confusion_matrix.png", "per_class_accuracy.csv", "model"} <= artifacts
+    assert run.data.params["dataset.flow"] == "dis"  # the data's preprocessing, with the run
+    # the best checkpoint, once: inside the run's pyfunc model, which the registry points at
+    local = client.download_artifacts(summary.run_id, MODEL_CHECKPOINT, str(tmp_path / "dl"))
     model, cfg = model_from_checkpoint(local)  # torch.load(weights_only=True) inside
     assert cfg.model.num_classes == 6 and cfg.name == "two-workers"
     state = torch.load(Path(local) / "checkpoint.pt", weights_only=True)
-    assert set(state) >= {"model", "optimizer", "scheduler", "epoch", "config"}
+    assert set(state) >= {"model", "epoch", "config", "class_names", "dataset"}
+    assert "optimizer" not in state and state["dataset"]["flow"] == "dis"
+    (version,) = client.search_model_versions("name = 'stm'")
+    assert version.run_id == summary.run_id and version.source.endswith("/model")
+    assert version.tags["dataset"] == "synthetic" and version.tags["split"] == "1"
+    assert float(version.tags["score"]) == pytest.approx(m["score"], abs=1e-6)
+    best = client.get_model_version_by_alias("stm", "best-synthetic-split1")
+    assert (
+        best.version == version.version == client.get_model_version_by_alias("stm", "best").version
+    )
+    assert summary.registered == f"stm version {version.version} (alias best-synthetic-split1)"
 
 
 def _train_worker_pids() -> list[int]:

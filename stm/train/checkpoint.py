@@ -23,7 +23,7 @@ from typing import Any
 
 import torch
 
-from stm.config import TrainConfig, UsageError, from_dict, to_dict
+from stm.config import JPEG_QUALITY_BEFORE, TrainConfig, UsageError, from_dict, to_dict
 
 CHECKPOINT_FILE = "checkpoint.pt"
 CONFIG_FILE = "config.json"  # the config, readable without torch
@@ -33,7 +33,6 @@ MODEL_ARTIFACT = "model"  # a run's pyfunc model (its checkpoint inside)
 MODEL_CHECKPOINT = "model/artifacts/checkpoint"  # the checkpoint folder inside it
 LEGACY_CHECKPOINT = "best_checkpoint"  # where runs before the pyfunc model kept it
 COMPLETE = ".complete"  # a cached download that finished
-PREPROCESSING = ("flow", "short_side", "jpeg_quality")  # what prediction needs of the data
 
 
 def checkpoint_state(
@@ -102,9 +101,14 @@ def preprocessing(state: dict[str, Any], folder: Path | None = None) -> dict[str
     info = dict(state.get("dataset") or {})
     if not info and folder is not None and (folder / DATASET_FILE).is_file():
         info = json.loads((folder / DATASET_FILE).read_text())
-    if not all(k in info for k in PREPROCESSING):
+    if "flow" not in info or "short_side" not in info:
         return {}
-    return {k: info[k] for k in PREPROCESSING}
+    # datasets written before their JPEG quality was recorded used JPEG_QUALITY_BEFORE
+    return {
+        "flow": info["flow"],
+        "short_side": info["short_side"],
+        "jpeg_quality": int(info.get("jpeg_quality") or JPEG_QUALITY_BEFORE),
+    }
 
 
 def _cached(dst: Path, download) -> Path:
@@ -145,11 +149,34 @@ def fetch_run(uri: str, run_id: str, cache: Path) -> Path:
 
     def download(tmp: Path) -> None:
         local = Path(client.download_artifacts(run_id, path, str(tmp)))
-        for item in local.iterdir():
+        for item in list(local.iterdir()):  # its files, flat in the cache folder
             os.replace(item, tmp / item.name)
-        shutil.rmtree(tmp / path.split("/")[0])
+        while local != tmp:  # the folders MLflow made for the artifact path
+            local.rmdir()
+            local = local.parent
 
     folder = _cached(cache / run_id, download)
     if not (folder / CHECKPOINT_FILE).is_file():
         raise UsageError(f"run {run_id} in {uri}: no {CHECKPOINT_FILE} in its {path}")
     return folder
+
+
+def fetch_uri(ref: str, cache: Path) -> Path:
+    """A checkpoint file (``.../checkpoint.pt``, or the folder holding it) from any pyarrow
+    filesystem (``s3://``, ``gs://``), downloaded once into ``cache`` and reused."""
+    import hashlib
+
+    from pyarrow import fs as pafs
+
+    from stm.storage import resolve
+
+    filesystem, path = resolve(ref)
+    if filesystem.get_file_info(path).type == pafs.FileType.Directory:
+        path = f"{path.rstrip('/')}/{CHECKPOINT_FILE}"
+
+    def download(tmp: Path) -> None:
+        with filesystem.open_input_stream(path) as src, open(tmp / CHECKPOINT_FILE, "wb") as dst:
+            shutil.copyfileobj(src, dst, 16 << 20)
+
+    key = "uri-" + hashlib.sha256(ref.encode()).hexdigest()[:16]
+    return _cached(cache / key, download) / CHECKPOINT_FILE

@@ -22,10 +22,9 @@ import torch
 
 from stm.config import EvaluateConfig, PredictConfig, TrainConfig, UsageError
 from stm.model.two_stream import TwoStreamNet
+from stm.train.checkpoint import preprocessing
 
 log = logging.getLogger(__name__)
-
-DEFAULT_PREPROCESSING = {"flow": "tvl1", "short_side": 256, "jpeg_quality": 90}
 
 
 @dataclass
@@ -35,7 +34,8 @@ class LoadedModel:
     model: TwoStreamNet
     cfg: TrainConfig
     class_names: list[str]
-    preprocessing: dict[str, Any]  # flow, short_side (None = native size), jpeg_quality
+    # flow, short_side (None = native size), jpeg_quality; {} when the model does not say
+    preprocessing: dict[str, Any]
     source: str = ""  # where it came from (for messages)
 
 
@@ -48,32 +48,38 @@ class Prediction:
 
 
 def load_model_dir(path: str | Path, source: str = "") -> LoadedModel:
-    """A model folder (``stm.train.registry.bundle``) or a bare checkpoint file / folder."""
+    """A checkpoint file, or a folder holding ``checkpoint.pt`` (a model's, with its JSON
+    files, or a training run's): that checkpoint, with the class names and preprocessing
+    settings it carries (or the JSON files beside it, or its dataset's)."""
     from stm.data.shards import read_classes, read_dataset_info
-    from stm.train.checkpoint import load_checkpoint, model_from_checkpoint
+    from stm.train.checkpoint import CLASSES_FILE, load_checkpoint, model_from_checkpoint
 
     path = Path(path)
     folder = path if path.is_dir() else path.parent
-    state = load_checkpoint(path)
+    try:
+        state = load_checkpoint(path)
+    except Exception as err:  # noqa: BLE001 - not a checkpoint, or not a weights-only one
+        raise UsageError(f"{path}: not an stm checkpoint ({_first_line(err)})") from None
     model, cfg = model_from_checkpoint(path)
     model.eval()
     classes = list(state.get("class_names") or [])
-    info: dict[str, Any] = {}
-    if (folder / "dataset.json").is_file():
-        info = json.loads((folder / "dataset.json").read_text())
-    if not classes and (folder / "classes.json").is_file():
-        classes = json.loads((folder / "classes.json").read_text())
-    if (not info or not classes) and cfg.data:  # a training checkpoint: ask its dataset
+    if not classes and (folder / CLASSES_FILE).is_file():
+        classes = json.loads((folder / CLASSES_FILE).read_text())
+    pre = preprocessing(state, folder)
+    if (not pre or not classes) and cfg.data:  # an older checkpoint: ask its dataset
         try:
-            info = info or read_dataset_info(cfg.data)
+            pre = pre or preprocessing({"dataset": read_dataset_info(cfg.data)})
             classes = classes or read_classes(cfg.data)
         except (FileNotFoundError, OSError, ValueError):
             pass
     if len(classes) != cfg.model.num_classes:
         classes = [f"class_{i}" for i in range(cfg.model.num_classes)]
-    pre = dict(DEFAULT_PREPROCESSING)
-    pre.update({k: info[k] for k in DEFAULT_PREPROCESSING if k in info})
     return LoadedModel(model, cfg, classes, pre, source or str(path))
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip()
+    return text.splitlines()[0][:200] if text else type(err).__name__
 
 
 def default_device() -> torch.device:
@@ -99,6 +105,29 @@ def _stream_inputs(
 
     batch = {k: torch.from_numpy(np.ascontiguousarray(clip[k])) for k in ("rgb", "flow")}
     return model_inputs(batch, stage, device)
+
+
+def resolved_preprocessing(
+    loaded: LoadedModel, flow: str | None = None, short_side: int | None = None
+) -> dict[str, Any]:
+    """The preprocessing a new video gets: the model's, each setting overridable; never a
+    guess. A model that does not say how its data was prepared needs both ``flow`` and
+    ``short_side`` (one-line ``UsageError`` otherwise)."""
+    from stm.config import JPEG_QUALITY
+
+    pre = dict(loaded.preprocessing)
+    if not pre:
+        if flow is None or short_side is None:
+            raise UsageError(
+                f"{loaded.source}: the model does not say how its training data was "
+                "preprocessed (no dataset settings in it): give --flow and --short-side"
+            )
+        pre = {"jpeg_quality": JPEG_QUALITY}
+    if flow is not None:
+        pre["flow"] = flow
+    if short_side is not None:
+        pre["short_side"] = short_side
+    return pre
 
 
 def predict_video(
@@ -134,9 +163,7 @@ def predict_video(
 
     started = time.perf_counter()
     cfg = loaded.cfg
-    pre = loaded.preprocessing
-    if short_side is None:
-        short_side = pre["short_side"]
+    pre = resolved_preprocessing(loaded, flow, short_side)
     item = {
         "video_id": Path(video).stem,
         "path": video,
@@ -147,7 +174,7 @@ def predict_video(
         "test_splits": [],
     }
     row = process_video(
-        item, make_estimator(flow or pre["flow"]), short_side or None, None, pre["jpeg_quality"]
+        item, make_estimator(pre["flow"]), pre["short_side"] or None, None, pre["jpeg_quality"]
     )
     spec = test_clip_spec(cfg)
     clip = test_clip(row, replace(spec, num_frames=test_frames or spec.num_frames))
@@ -265,10 +292,18 @@ def evaluate_split(
 
 
 def _loaded(mlflow_uri: str, model: str, run_id: str) -> LoadedModel:
+    """The model of ``--model`` / ``--run-id``; the tracking store is checked first, so an
+    unreachable one fails in seconds."""
     from stm.train.registry import fetch_model
-    from stm.train.tracking import resolve_uri
+    from stm.train.tracking import TrackingUnavailable, check_reachable, resolve_uri
 
-    folder, source = fetch_model(resolve_uri(mlflow_uri), model, run_id)
+    uri = resolve_uri(mlflow_uri)
+    if run_id or model.startswith(("models:/", "runs:/")):
+        try:
+            check_reachable(uri, create=False)
+        except TrackingUnavailable as err:
+            raise UsageError(str(err)) from None
+    folder, source = fetch_model(uri, model, run_id)
     return load_model_dir(folder, source)
 
 
@@ -280,9 +315,11 @@ def run_predict(cfg: PredictConfig) -> tuple[LoadedModel, Prediction]:
     """``jobs/predict.py``: fetch the model, classify the video. Usage errors, an undecodable
     video and a device that cannot be used are ``UsageError`` (one line)."""
     from stm.data.decode import DecodeError
+    from stm.train.registry import default_model
 
     try:
-        loaded = _loaded(cfg.mlflow_uri, cfg.model, cfg.run_id)
+        model = cfg.model or ("" if cfg.run_id else default_model())
+        loaded = _loaded(cfg.mlflow_uri, model, cfg.run_id)
         pred = predict_video(
             loaded,
             cfg.video,
@@ -304,8 +341,11 @@ def run_predict(cfg: PredictConfig) -> tuple[LoadedModel, Prediction]:
 
 def run_evaluate(cfg: EvaluateConfig) -> tuple[LoadedModel, SplitEvaluation]:
     """``jobs/evaluate.py``: fetch the model, run the test protocol on the split."""
+    from stm.train.registry import default_model
+
     try:
-        loaded = _loaded(cfg.mlflow_uri, cfg.model, cfg.run_id)
+        model = cfg.model or ("" if cfg.run_id else default_model(data=cfg.data, split=cfg.split))
+        loaded = _loaded(cfg.mlflow_uri, model, cfg.run_id)
         result = evaluate_split(
             loaded, cfg.data, cfg.split, device=_device(cfg.device), limit=cfg.limit
         )

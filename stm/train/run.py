@@ -1,28 +1,33 @@
-"""The training driver: data (the embedded synthetic dataset when none is given), MLflow run,
-Ray Train's TorchTrainer with failure handling, checkpoint ranking and resume."""
+"""The training driver: the data (the embedded synthetic dataset when none is given), the
+MLflow run and its bookkeeping, Ray Train's TorchTrainer with failure handling, and the run's
+end: its best checkpoint logged as its model and registered (``stm.train.registry``).
+
+``run_training`` is four steps: ``prepare_data`` (shared with sweeps), ``open_run`` (a new run,
+or the one to resume), ``fit`` and ``finish``. Results go to the home (``stm.home``) unless
+``--storage-path`` / ``--mlflow-uri`` say otherwise.
+"""
 
 from __future__ import annotations
 
 import dataclasses
 import logging
 import os
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from stm import home
 from stm.config import TrainConfig, UsageError, to_dict
-from stm.data.shards import list_parquet, read_classes
+from stm.data.shards import list_parquet, read_classes, read_dataset_info
 from stm.storage import absolute, read_text, resolve, write_text
 from stm.train import tracking
-from stm.train.checkpoint import load_checkpoint
+from stm.train.checkpoint import fetch_run, fetch_uri, load_checkpoint
 from stm.train.ingest import build_datasets, data_config, split_sizes
 from stm.train.loop import SCORE, train_loop_per_worker
 
 log = logging.getLogger(__name__)
 
-SYNTHETIC_DIR = Path("data")  # the embedded default dataset, under the working directory
 SYNTHETIC_FLOW = "dis"  # DIS keeps the laptop demo in minutes; real data defaults to TV-L1
 LATEST_FILE = "LATEST"  # in the storage path: the name of the newest run, for --resume
 
@@ -36,16 +41,30 @@ class RunSummary:
     metrics: dict[str, float]
     best_checkpoint: str
     seconds: float
+    registered: str = ""  # "NAME version N (alias ALIAS)", "" when not registered
+
+
+@dataclass(frozen=True)
+class PreparedData:
+    """A run's data, checked: the config with its data path absolute and ``num_classes`` from
+    the data, the class names, the split's sizes and the dataset's settings (dataset.json)."""
+
+    cfg: TrainConfig
+    classes: list[str]
+    num_train: int
+    num_test: int
+    dataset: dict[str, Any]
 
 
 def prepare_synthetic(cfg: TrainConfig) -> TrainConfig:
-    """Generate and preprocess the synthetic dataset when no data is given (kept for reruns)."""
+    """Generate and preprocess the synthetic dataset when no data is given (kept for reruns,
+    in the home)."""
     from stm.config import PreprocessConfig
     from stm.data.preprocess import run_preprocess
 
-    out = (Path.cwd() / SYNTHETIC_DIR / "synthetic").resolve()
+    out = home.synthetic_data()
     if not (out / "classes.json").is_file() or not list(out.glob("shards/*.parquet")):
-        print(f"preparing the synthetic dataset in {out} (first run only)", flush=True)
+        log.info("preparing the synthetic dataset in %s (first run only)", out)
         run_preprocess(
             PreprocessConfig(
                 source="synthetic",
@@ -55,6 +74,29 @@ def prepare_synthetic(cfg: TrainConfig) -> TrainConfig:
             )
         )
     return dataclasses.replace(cfg, data=str(out))
+
+
+def prepare_data(cfg: TrainConfig) -> PreparedData:
+    """The run's data: the synthetic dataset when none is given, a local path made absolute
+    (trials and workers run in other directories), checked (``validate_data``)."""
+    if not cfg.data:
+        _init_ray()
+        cfg = prepare_synthetic(cfg)
+    elif "://" not in cfg.data:
+        cfg = dataclasses.replace(cfg, data=str(Path(cfg.data).resolve()))
+    classes, num_train, num_test = validate_data(cfg)
+    if cfg.model.num_classes != len(classes):
+        cfg = dataclasses.replace(
+            cfg, model=dataclasses.replace(cfg.model, num_classes=len(classes))
+        )
+    try:
+        dataset = read_dataset_info(cfg.data)
+    except (FileNotFoundError, OSError, ValueError) as err:
+        log.warning(
+            "%s: %s; its models will need --flow and --short-side to predict", cfg.data, err
+        )
+        dataset = {}
+    return PreparedData(cfg, classes, num_train, num_test, dataset)
 
 
 def _read_line(uri: str) -> str | None:
@@ -85,19 +127,6 @@ def validate_data(cfg: TrainConfig) -> tuple[list[str], int, int]:
     return classes, num_train, num_test
 
 
-def _fetch_checkpoint(uri: str) -> str:
-    """Copy a checkpoint (``.../checkpoint.pt`` or its folder) from any pyarrow filesystem."""
-    from pyarrow import fs as pafs
-
-    filesystem, path = resolve(uri)
-    if filesystem.get_file_info(path).type == pafs.FileType.Directory:
-        path = f"{path.rstrip('/')}/checkpoint.pt"
-    local = Path(tempfile.mkdtemp(prefix="stm-init-")) / "checkpoint.pt"
-    with filesystem.open_input_stream(path) as src, open(local, "wb") as dst:
-        dst.write(src.read())
-    return str(local)
-
-
 def warn_if_not_shared(cfg: TrainConfig, uri: str) -> None:
     """On a multi-node cluster, local paths must be on a filesystem every node shares."""
     import ray
@@ -106,8 +135,9 @@ def warn_if_not_shared(cfg: TrainConfig, uri: str) -> None:
     if len(nodes) < 2:
         return
     local = []
-    if "://" not in cfg.storage_path:
-        local.append(f"--storage-path {cfg.storage_path}")
+    storage = storage_root(cfg)
+    if "://" not in storage:
+        local.append(f"--storage-path {storage}")
     if uri.startswith("sqlite:"):
         local.append(f"MLflow store {uri}")
     if local:
@@ -148,15 +178,18 @@ def initial_state(cfg: TrainConfig, uri: str) -> tuple[dict[str, Any] | None, st
 
 def _checkpoint_path(flag: str, ref: str, uri: str) -> str:
     """A local checkpoint for ``ref``: a local path, a file or folder in cloud storage, or the
-    best checkpoint of an MLflow run."""
-    if "://" in ref:
-        return _fetch_checkpoint(ref)
+    best checkpoint of an MLflow run (downloads cached under the home)."""
     if Path(ref).exists():
         return ref
     try:
-        return tracking.download_checkpoint(uri, ref, tempfile.mkdtemp(prefix="stm-init-"))
+        if "://" in ref:
+            return str(fetch_uri(ref, home.model_cache()))
+        return str(fetch_run(uri, ref, home.model_cache()))
+    except UsageError as err:
+        raise UsageError(f"{flag} {ref}: {err}") from None
     except Exception as err:  # noqa: BLE001
-        raise UsageError(f"{flag} {ref}: no such file or MLflow run ({err})") from None
+        reason = " ".join(str(err).split())[:200]
+        raise UsageError(f"{flag} {ref}: no such file or MLflow run in {uri} ({reason})") from None
 
 
 def _imagenet_state(cfg: TrainConfig) -> dict[str, Any]:
@@ -197,6 +230,11 @@ def _init_ray() -> None:
         ray.init()
 
 
+def storage_root(cfg: TrainConfig) -> str:
+    """Where runs and checkpoints go: ``--storage-path``, else the home's ``runs/``."""
+    return absolute(cfg.storage_path or home.runs_dir())
+
+
 def run_training(
     cfg: TrainConfig,
     *,
@@ -215,10 +253,6 @@ def run_training(
         callbacks: Ray Train ``RunConfig`` callbacks, e.g. Tune's report callback when this
             run is one trial of a sweep.
     """
-    import ray
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
-
     started = time.time()
     cfg = cfg.resolved()  # the effective values, in the MLflow params and the checkpoints
     uri = tracking.resolve_uri(cfg.mlflow_uri)
@@ -226,19 +260,41 @@ def run_training(
         tracking.check_reachable(uri)
     except tracking.TrackingUnavailable as err:
         raise UsageError(str(err)) from None
-    if not cfg.data:
-        _init_ray()
-        cfg = prepare_synthetic(cfg)
-    classes, num_train, num_test = validate_data(cfg)
-    if cfg.model.num_classes != len(classes):
-        cfg = dataclasses.replace(
-            cfg, model=dataclasses.replace(cfg.model, num_classes=len(classes))
-        )
+    data = prepare_data(cfg)
     _init_ray()
-    warn_if_not_shared(cfg, uri)
+    warn_if_not_shared(data.cfg, uri)
+    init, source = (None, "checkpoint") if resume else initial_state(data.cfg, uri)
+    cfg, run_id = open_run(data, uri, resume, source, parent_run_id, tags)
+    try:
+        result = fit(cfg, data, uri, run_id, init, callbacks)
+        best, registered = finish(cfg, uri, run_id, result)
+    except BaseException as err:
+        tracking.fail_run(uri, run_id, err)
+        raise
+    return RunSummary(
+        name=cfg.name,
+        run_id=run_id,
+        tracking_uri=uri,
+        storage=f"{storage_root(cfg)}/{cfg.name}",
+        metrics=dict(result.metrics or {}),
+        best_checkpoint=best,
+        seconds=time.time() - started,
+        registered=registered,
+    )
 
-    init, source = (None, "checkpoint") if resume else initial_state(cfg, uri)
-    storage = absolute(cfg.storage_path)
+
+def open_run(
+    data: PreparedData,
+    uri: str,
+    resume: bool,
+    source: str,
+    parent_run_id: str = "",
+    tags: dict[str, str] | None = None,
+) -> tuple[TrainConfig, str]:
+    """The run's config (with its name) and MLflow run id: the run to resume (``cfg.name``,
+    else the latest under the storage path), or a new run with every config value and the
+    dataset's settings as params."""
+    cfg, storage = data.cfg, storage_root(data.cfg)
     if resume:
         name = cfg.name or _read_line(f"{storage}/{LATEST_FILE}")
         run_id = _read_line(f"{storage}/{name}/{tracking.RUN_ID_FILE}") if name else None
@@ -255,30 +311,43 @@ def run_training(
             "stage": cfg.stage,
             "variant": cfg.model.variant,
             "storage": f"{storage}/{name}",
+            "init": source,
+            **(tags or {}),
         }
-        run_tags.update(tags or {})
         run_id = tracking.start_run(
             uri,
             cfg.experiment,
             name,
-            to_dict(cfg),
+            {**to_dict(cfg), "dataset": data.dataset},
             run_tags,
             parent_run_id=parent_run_id,
-            description=describe(cfg, num_train, num_test, source),
+            description=describe(cfg, data.num_train, data.num_test, source),
         )
         write_text(f"{storage}/{name}/{tracking.RUN_ID_FILE}", run_id)
     write_text(f"{storage}/{LATEST_FILE}", name)
-    print(
-        f"MLflow run {run_id} ({uri}); open it with: mlflow ui --backend-store-uri {uri}",
-        flush=True,
-    )
+    log.info("MLflow run %s in %s (%s/%s)", run_id, uri, storage, name)
+    return cfg, run_id
 
-    if not resume:
-        tracking.set_tags(uri, run_id, {"init": source})
+
+def fit(
+    cfg: TrainConfig,
+    data: PreparedData,
+    uri: str,
+    run_id: str,
+    init: dict[str, Any] | None,
+    callbacks: list | None = None,
+) -> Any:
+    """Ray Train's fit of the run: one worker per ``--num-workers``, checkpoints ranked by
+    score, worker-group restarts from the latest checkpoint."""
+    import ray
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
     loop_config = {
         "cfg": to_dict(cfg),
-        "num_train": num_train,
-        "class_names": classes,
+        "num_train": data.num_train,
+        "class_names": data.classes,
+        "dataset": data.dataset,
         "tracking_uri": uri,
         "run_id": run_id,
         "init": ray.put(init) if init is not None else None,
@@ -295,8 +364,8 @@ def run_training(
             resources_per_worker=resources,
         ),
         run_config=RunConfig(
-            name=name,
-            storage_path=storage,
+            name=cfg.name,
+            storage_path=storage_root(cfg),
             checkpoint_config=CheckpointConfig(
                 num_to_keep=cfg.keep_checkpoints,
                 checkpoint_score_attribute=SCORE,
@@ -308,25 +377,31 @@ def run_training(
         datasets=build_datasets(cfg),
         dataset_config=data_config(),
     )
-    try:
-        result = trainer.fit()
-    except Exception:
-        tracking.end_run(uri, run_id, "FAILED")
-        raise
-    best = ""
+    return trainer.fit()
+
+
+def finish(cfg: TrainConfig, uri: str, run_id: str, result: Any) -> tuple[str, str]:
+    """The run's end: its best checkpoint logged as its model, registered as a version of
+    ``--model-name`` (unless ""), the run marked FINISHED. Returns the best checkpoint's
+    path and "NAME version N (alias ALIAS)" (or "")."""
+    from stm.train import registry
+
+    best, registered = "", ""
     if result.best_checkpoints:
-        checkpoint, _ = max(result.best_checkpoints, key=lambda cm: cm[1].get(SCORE, -1.0))
+        checkpoint, metrics = max(result.best_checkpoints, key=lambda cm: cm[1].get(SCORE, -1.0))
         best = checkpoint.path
         with checkpoint.as_directory() as d:
-            tracking.log_artifacts(uri, run_id, d, "best_checkpoint")
-    metrics = dict(result.metrics or {})
+            registry.log_model(uri, run_id, d)
+        if cfg.model_name:
+            version, alias = registry.register_run(
+                uri,
+                run_id,
+                cfg.model_name,
+                score=float(metrics.get(SCORE, 0.0)),
+                data=cfg.data,
+                split=cfg.split,
+            )
+            registered = f"{cfg.model_name} version {version} (alias {alias})"
+            tracking.set_tags(uri, run_id, {"registered_model": f"{cfg.model_name}/{version}"})
     tracking.end_run(uri, run_id)
-    return RunSummary(
-        name=name,
-        run_id=run_id,
-        tracking_uri=uri,
-        storage=f"{storage}/{name}",
-        metrics=metrics,
-        best_checkpoint=best,
-        seconds=time.time() - started,
-    )
+    return best, registered

@@ -24,7 +24,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import math
 import os
 import re
 import tempfile
@@ -35,10 +34,11 @@ from pathlib import Path
 from typing import Any
 
 from stm.config import SweepConfig, TrainConfig, UsageError, from_dict, to_dict
-from stm.storage import absolute, join, read_text, resolve, write_bytes_atomic, write_text
+from stm.storage import join, read_text, resolve, write_bytes_atomic, write_text
 from stm.train import tracking
 from stm.train.grids import Grid, load_grid, trial_configs
 from stm.train.report import TrialRow, write_report
+from stm.train.run import prepare_data, storage_root
 
 log = logging.getLogger(__name__)
 
@@ -83,7 +83,10 @@ class SweepState:
         return cls(
             name=data["name"],
             grid=Grid.from_dict(data["grid"]),
-            sweep=from_dict(SweepConfig, data["sweep"]),
+            # "model_name" moved to the trials' TrainConfig (every finished run registers)
+            sweep=from_dict(
+                SweepConfig, {k: v for k, v in data["sweep"].items() if k != "model_name"}
+            ),
             configs={k: from_dict(TrainConfig, c) for k, c in data["configs"].items()},
             parent_run_id=data["parent_run_id"],
             tracking_uri=data["tracking_uri"],
@@ -123,23 +126,6 @@ class SweepSummary:
     seconds: float
 
 
-def prepare(base: TrainConfig) -> tuple[TrainConfig, list[str]]:
-    """The base config made absolute for trials (they run in other directories): synthetic
-    data prepared when none is given, the data checked, num_classes from the data."""
-    from stm.train.run import prepare_synthetic, validate_data
-
-    if not base.data:
-        base = prepare_synthetic(base)
-    elif "://" not in base.data:
-        base = dataclasses.replace(base, data=str(Path(base.data).resolve()))
-    classes, _, _ = validate_data(base)
-    if base.model.num_classes != len(classes):
-        base = dataclasses.replace(
-            base, model=dataclasses.replace(base.model, num_classes=len(classes))
-        )
-    return base, classes
-
-
 def run_sweep(base: TrainConfig, sweep: SweepConfig, *, resume: bool = False) -> SweepSummary:
     """Run (or resume) a sweep and write its report; usage errors raise ``UsageError``.
 
@@ -152,7 +138,7 @@ def run_sweep(base: TrainConfig, sweep: SweepConfig, *, resume: bool = False) ->
             checkpoints; the grid and configs come from the first run's ``sweep.json``.
     """
     started = time.time()
-    storage = absolute(base.storage_path)
+    storage = storage_root(base)
     uri = tracking.resolve_uri(base.mlflow_uri)
     try:
         tracking.check_reachable(uri)
@@ -192,7 +178,7 @@ def run_sweep(base: TrainConfig, sweep: SweepConfig, *, resume: bool = False) ->
 def start_sweep(base: TrainConfig, sweep: SweepConfig, storage: str, uri: str) -> SweepState:
     """A new sweep: its grid's trial configs, its MLflow parent run and its ``sweep.json``."""
     grid = load_grid(sweep.grid, sweep.only)
-    base, _ = prepare(base)
+    base = prepare_data(base).cfg  # absolute, checked, num_classes from the data
     name = sweep.name or f"sweep-{grid.name}-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}"
     sweep_dir = join(storage, name)
     if read_text(join(sweep_dir, SWEEP_FILE)):
@@ -447,43 +433,16 @@ def best_row(rows: list[TrialRow]) -> TrialRow | None:
 
 
 def record_best(state: SweepState, best: TrialRow) -> str:
-    """Tag the parent run with the best trial and register its model (unless ``model_name``
-    is ""); returns "NAME/VERSION" or "". A resumed sweep that had registered this same trial
-    keeps that version instead of registering it again."""
+    """Tag the parent run with the best trial and with the model version that trial's run
+    registered (every finished trial registers its own, ``stm.train.run.finish``); returns
+    "NAME/VERSION" or "" (registration off, or a trial from before it)."""
     uri, parent = state.tracking_uri, state.parent_run_id
     client = tracking.mlflow_client(uri)
-    tags = client.get_run(parent).data.tags
-    registered = ""
-    if tags.get("best_run_id") == best.run_id:  # a resumed sweep that had finished
-        registered = tags.get("registered_model", "")
     client.set_tag(parent, "best_variant", best.variant)
     client.set_tag(parent, "best_run_id", best.run_id)
     if best.error is not None:
         client.log_metric(parent, "best_error", best.error)
-    if state.sweep.model_name and not registered:
-        registered = register_best(state, best, state.sweep.model_name)
+    registered = client.get_run(best.run_id).data.tags.get("registered_model", "")
+    if registered:
         client.set_tag(parent, "registered_model", registered)
     return registered
-
-
-def register_best(state: SweepState, best: TrialRow, model_name: str) -> str:
-    """Register the best trial's best checkpoint as ``model_name``; returns "NAME/VERSION"."""
-    from stm.train import registry
-
-    uri = state.tracking_uri
-    with tempfile.TemporaryDirectory(prefix="stm-best-") as tmp:
-        path = tracking.download_checkpoint(uri, best.run_id, tmp)
-        version = registry.register_checkpoint(
-            uri,
-            best.run_id,
-            os.path.dirname(path),
-            model_name,
-            data=state.configs[best.variant].data,
-            tags={
-                "variant": best.variant,
-                "grid": state.grid.name,
-                "sweep": state.name,
-                "score": f"{best.metrics.get('score', math.nan):.4f}",
-            },
-        )
-    return f"{model_name}/{version}"

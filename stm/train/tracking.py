@@ -25,12 +25,12 @@ class TrackingUnavailable(RuntimeError):
 
 
 def resolve_uri(uri: str = "") -> str:
-    """The tracking URI: the flag, else $MLFLOW_TRACKING_URI, else MLflow's own local default
-    (``mlflow.db`` in the working directory) made absolute, because Ray workers change
-    directory."""
-    uri = uri or os.environ.get("MLFLOW_TRACKING_URI", "")
-    if not uri:
-        return f"sqlite:///{Path.cwd() / 'mlflow.db'}"
+    """The tracking URI: the flag, else $MLFLOW_TRACKING_URI, else the home's store
+    (``sqlite:///<home>/mlflow.db``, :mod:`stm.home`); a relative SQLite path made absolute,
+    because Ray workers and jobs run in other directories."""
+    from stm import home
+
+    uri = uri or os.environ.get("MLFLOW_TRACKING_URI", "") or home.tracking_uri()
     if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
         return f"sqlite:///{Path(uri[len('sqlite:///') :]).resolve()}"
     return uri
@@ -43,11 +43,19 @@ def mlflow_client(uri: str) -> Any:
     return MlflowClient(tracking_uri=uri)
 
 
-def check_reachable(uri: str, timeout_s: float = 10.0) -> None:
+def check_reachable(uri: str, timeout_s: float = 10.0, create: bool = True) -> None:
     """Fail fast, in one line, when the tracking store cannot be used: a cluster's hours are
-    not spent untracked."""
+    not spent untracked. A local store's folder is made when it is the home's (``create``);
+    without ``create`` (readers: predict, evaluate) a missing database is an error."""
+    from stm import home
+
     if uri.startswith("sqlite:///"):
-        parent = Path(uri[len("sqlite:///") :]).parent
+        db = Path(uri[len("sqlite:///") :])
+        parent = db.parent
+        if not create and not db.is_file():
+            raise TrackingUnavailable(f"MLflow store {uri} does not exist (nothing trained yet?)")
+        if create and parent == home.home():
+            parent.mkdir(parents=True, exist_ok=True)
         if not parent.is_dir() or not os.access(parent, os.W_OK):
             raise TrackingUnavailable(f"MLflow store {uri}: folder {parent} is not writable")
         return
@@ -215,6 +223,14 @@ def end_run(uri: str, run_id: str, status: str = "FINISHED") -> None:
     mlflow_client(uri).set_terminated(run_id, status=status)
 
 
-def download_checkpoint(uri: str, run_id: str, dst: str) -> str:
-    """The best checkpoint file a training run logged (``best_checkpoint/checkpoint.pt``)."""
-    return mlflow_client(uri).download_artifacts(run_id, "best_checkpoint/checkpoint.pt", dst)
+def fail_run(uri: str, run_id: str, err: BaseException) -> None:
+    """Mark a run FAILED (KILLED for an interrupt) with the reason as its ``error`` tag; never
+    raises (it runs while another error propagates)."""
+    status = "KILLED" if isinstance(err, KeyboardInterrupt | SystemExit) else "FAILED"
+    reason = " ".join(str(err).split())[:500] or type(err).__name__
+    try:
+        client = mlflow_client(uri)
+        client.set_tag(run_id, "error", f"{type(err).__name__}: {reason}")
+        client.set_terminated(run_id, status=status)
+    except Exception as tracking_err:  # noqa: BLE001 - the store itself may be the failure
+        log.warning("could not mark MLflow run %s %s: %s", run_id, status, tracking_err)
