@@ -374,6 +374,7 @@ def two_nodes():
     env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_AUTH_TOKEN_PATH")}
     env.update(
         PATH=f"{bin_dir}{os.pathsep}{env.get('PATH', '')}",
+        STM_HOME=tempfile.mkdtemp(prefix="stm-cluster-home-"),  # the jobs' default results home
         RAY_AUTH_MODE="token",
         RAY_AUTH_TOKEN=secrets.token_hex(32),
         RAY_USAGE_STATS_ENABLED="0",
@@ -521,11 +522,17 @@ def test_preprocess_job_on_two_nodes(two_nodes, preprocessed):
 
 
 @pytest.mark.slow
-def test_train_job_runs_its_workers_on_both_nodes(two_nodes, preprocessed, tmp_path):
+def test_train_job_runs_on_both_nodes_into_the_home_and_predict_uses_its_best_model(
+    two_nodes, preprocessed, tmp_path
+):
+    """The user's path: ``ray job submit --working-dir . -- python jobs/train.py`` with no
+    storage or MLflow flags; then, from another directory, the README's browse store holds the
+    run and ``jobs/predict.py VIDEO`` with no model argument uses the best registered version."""
     from mlflow.tracking import MlflowClient
 
     data = preprocessed[0]
-    storage, db = tmp_path / "runs", tmp_path / "mlflow.db"
+    home = Path(two_nodes.env["STM_HOME"])
+    store = f"sqlite:///{home / 'mlflow.db'}"  # the README's sqlite:///$HOME/stm_results/mlflow.db
     job_id = f"stm-train-{uuid.uuid4().hex[:8]}"
     # 2 CPUs per worker on nodes of 3 CPUs: one worker fits per node, so the two are on different
     # nodes, and each node keeps a CPU for the input pipeline. The driver runs on the head, as on
@@ -536,22 +543,38 @@ def test_train_job_runs_its_workers_on_both_nodes(two_nodes, preprocessed, tmp_p
         "--batch-size", "8", "--bn-batch", "4", "--crop-size", "64", "--num-chunks", "3",
         "--stride-min", "2", "--stride-max", "6", "--test-frames", "5",
         "--appearance-arch", "resnet18", "--motion-arch", "resnet18", "--num-workers", "2",
-        "--cpus-per-worker", "2",
-        "--max-failures", "0", "--storage-path", str(storage), "--name", "two-nodes",
-        "--mlflow-uri", f"sqlite:///{db}", "--experiment", "cluster-test",
+        "--cpus-per-worker", "2", "--max-failures", "0", "--name", "two-nodes",
     ]  # fmt: skip
     started = time.monotonic()
     log = _submit(two_nodes, job_id, {"head_node": 1}, args, timeout=600)
     seconds = time.monotonic() - started
     assert "test video accuracy:" in log, log[-3000:]
+    assert (
+        f"MLflow store: {store}" in log and f"browse: mlflow ui --backend-store-uri {store}" in log
+    )
 
     assert _driver_node(two_nodes, job_id) == two_nodes.head_id
     nodes = _actor_nodes(two_nodes, job_id, "RayTrainWorker")
     assert sorted(nodes) == sorted([two_nodes.head_id, two_nodes.b_id]), nodes
 
+    # the home holds everything, not the job's temporary copy of the working directory
     run_id = re.search(r"^run two-nodes \((\w+)\)", log, flags=re.M).group(1)
-    run = MlflowClient(tracking_uri=f"sqlite:///{db}").get_run(run_id)
+    client = MlflowClient(tracking_uri=store)
+    run = client.get_run(run_id)
     assert run.info.status == "FINISHED"
     assert any(k.startswith("test_video_acc") for k in run.data.metrics), run.data.metrics
-    assert list((storage / "two-nodes").glob("checkpoint_*")), "no checkpoint in storage"
+    assert list((home / "runs" / "two-nodes").glob("checkpoint_*")), "no checkpoint in the home"
+    assert "_ray_pkg_" not in run.info.artifact_uri and str(home) in run.info.artifact_uri
+    (version,) = client.search_model_versions("name = 'stm'")
+    assert version.run_id == run_id and f"registered: stm version {version.version}" in log
+
+    other = tmp_path / "elsewhere"
+    other.mkdir()
+    video = next((data / "videos").rglob("*.avi"))
+    env = {k: v for k, v in two_nodes.env.items() if not k.startswith("RAY_")}
+    proc = _run([sys.executable, str(REPO / "jobs" / "predict.py"), str(video)], env, 300, other)
+    out = _check(proc, "jobs/predict.py with no model argument")
+    assert f"stm version {version.version} (run {run_id})" in out.splitlines()[0], out
+    assert len([ln for ln in proc.stdout.splitlines() if re.match(r"^ ?\d\. ", ln)]) == 5
+    assert not list(other.iterdir()), "predict wrote into the working directory"
     print(f"train job: {seconds:.0f} s")
