@@ -1,6 +1,6 @@
 """Classify a video with a trained model: the paper's test protocol, top-5 classes.
 
-    python jobs/predict.py VIDEO                                  # the best model (models:/stm@best)
+    python jobs/predict.py VIDEO                                  # models:/stm@best
     python jobs/predict.py VIDEO --model models:/stm@best-ucf101-split1   # a dataset's best
     python jobs/predict.py VIDEO --model models:/stm/3            # a version, or /latest
     python jobs/predict.py VIDEO --run-id RUN                     # a training or sweep trial run

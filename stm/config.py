@@ -181,6 +181,8 @@ class TrainConfig:
     # logits: average the classification layers' outputs over views, windows and streams (Sect.
     # 4.2 and 5.3, the original); softmax: average the streams' probabilities
     score_fusion: ScoreFusion = "logits"
+    # the motion stream's weight in the fused test score (the paper's late fusion on HMDB51: 3)
+    motion_weight: float = 1.0
     eval_every: int = 1  # evaluate on the test split every k epochs (and after the last)
     # cpu: Ray Data workers decode and augment clips; device: they only sample them and ship
     # the JPEGs, which the training loop decodes on its device (nvJPEG on a GPU)
@@ -232,6 +234,7 @@ class TrainConfig:
             stride_min=(1, None),
             crop_size=(16, MAX_FRAME_SIDE),
             test_frames=(1, 250),
+            motion_weight=(0.0, 100.0),
             eval_every=(1, None),
             epochs=(1, 100_000),
             lr=(0.0, 10.0),
@@ -394,6 +397,32 @@ class SweepConfig:
     def __post_init__(self) -> None:
         _bounds(self, max_concurrent=(0, 10_000), trial_cpus=(0.0, 1024.0), asha_grace=(1, None))
         check_name("--name", self.name, empty=True)
+
+
+@dataclass(frozen=True)
+class ReproduceConfig:
+    """The paper's whole recipe (``stm.train.reproduce.run_recipe``); the training flags live
+    in the stages' ``TrainConfig``."""
+
+    splits: tuple[int, ...] = ()  # the official splits to run (); () = 1, 2, 3 (those the data has)
+    name: str = ""  # the recipe's name ("" = reproduce-<dataset>); the same command continues it
+    # run both stream stages at once; unset: when the cluster has room for both now
+    concurrent_streams: bool | None = None
+    # the motion stream's weight in the late fusion of the two streams; unset: 3 on HMDB51
+    # (Sect. 5.3), else 1
+    late_fusion_weight: float | None = None
+    root: str = ""  # a video root: preprocess it into --data first (then --source, --split-files)
+    source: Source = "ucf101"  # with --root: ucf101 | hmdb51 | folder
+    split_files: str = ""  # with --root: the folder of the official split files
+
+    def __post_init__(self) -> None:
+        _check_literals(self)
+        check_name("--name", self.name, empty=True)
+        if any(k < 1 or k > 10 for k in self.splits):
+            raise UsageError(f"invalid --splits {','.join(map(str, self.splits))}: 1 to 10")
+        if len(set(self.splits)) != len(self.splits):
+            raise UsageError("--splits: each split once")
+        _bounds(self, late_fusion_weight=(0.0, 100.0))
 
 
 @dataclass(frozen=True)

@@ -32,3 +32,27 @@ def ray_local():
         )
     yield ray
     ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def synthetic(tmp_path_factory, ray_local) -> str:
+    """30 synthetic videos (6 classes x 5: 24 train, 6 test), DIS flow, preprocessed once per
+    session into a dataset folder named ``synthetic`` (its name in registry tags and aliases).
+    Read-only: a test that changes a dataset makes its own."""
+    from stm.config import PreprocessConfig
+    from stm.data.preprocess import run_preprocess
+
+    base = tmp_path_factory.mktemp("synthetic")
+    out = base / "synthetic"
+    summary = run_preprocess(
+        PreprocessConfig(
+            source="synthetic",
+            root=str(base / "videos"),
+            out=str(out),
+            flow="dis",
+            num_videos=30,
+            synthetic_frames=16,
+        )
+    )
+    assert summary.ok == 30
+    return str(out)

@@ -22,7 +22,7 @@ from stm.train.grids import BUILTIN, GRIDS, load_grid, table2, table3, trial_con
 from stm.train.report import TrialRow, paper_results, write_report
 from stm.train.sweep import SweepState, best_row
 
-from tiny import own_lines  # tests/tiny.py
+from tiny import own_lines, start_job  # tests/tiny.py
 
 ROOT = Path(__file__).resolve().parents[1]
 SMOKE_FLAGS = [
@@ -195,24 +195,9 @@ def test_yaml_grid_product_and_base(tmp_path):
 
 # --- a real sweep --------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
-def sweep_data(tmp_path_factory, ray_local) -> str:
-    """30 synthetic videos (6 classes x 5: 24 train, 6 test), DIS flow, preprocessed once."""
-    from stm.config import PreprocessConfig
-    from stm.data.preprocess import run_preprocess
-
-    base = tmp_path_factory.mktemp("sweep-data")
-    summary = run_preprocess(
-        PreprocessConfig(
-            source="synthetic",
-            root=str(base / "videos"),
-            out=str(base / "data"),
-            flow="dis",
-            num_videos=30,
-            synthetic_frames=16,
-        )
-    )
-    assert summary.ok == 30
-    return str(base / "data")
+def sweep_data(synthetic) -> str:
+    """The session's preprocessed synthetic videos (tests/conftest.py)."""
+    return synthetic
 
 
 def _trial_status(tune_dir: Path) -> dict[str, str]:
@@ -230,15 +215,7 @@ def _trial_status(tune_dir: Path) -> dict[str, str]:
 
 
 def _job(args: list[str], env: dict, tmp: Path) -> subprocess.Popen:
-    return subprocess.Popen(
-        [sys.executable, str(ROOT / "jobs" / "sweep.py"), *args],
-        cwd=tmp,
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        start_new_session=True,
-    )
+    return start_job("sweep.py", args, env, tmp)
 
 
 @pytest.mark.slow

@@ -10,13 +10,14 @@ import signal
 import subprocess
 import sys
 import threading
-import time
 from pathlib import Path
 
 import pytest
 import torch
 
 from stm.config import embedded_default
+
+from tiny import wait_for_checkpoint  # tests/tiny.py
 
 ROOT = Path(__file__).resolve().parents[1]
 SMOKE = dict(
@@ -59,28 +60,6 @@ SMOKE_FLAGS = [
     "--lr",
     "0.005",
 ]
-
-
-@pytest.fixture(scope="session")
-def synthetic(tmp_path_factory, ray_local) -> str:
-    """30 synthetic videos (6 classes x 5: 24 train, 6 test), DIS flow, preprocessed once."""
-    from stm.config import PreprocessConfig
-    from stm.data.preprocess import run_preprocess
-
-    base = tmp_path_factory.mktemp("synthetic")
-    out = base / "synthetic"  # the dataset's name, in registry tags and aliases
-    summary = run_preprocess(
-        PreprocessConfig(
-            source="synthetic",
-            root=str(base / "videos"),
-            out=str(out),
-            flow="dis",
-            num_videos=30,
-            synthetic_frames=16,
-        )
-    )
-    assert summary.ok == 30
-    return str(out)
 
 
 def smoke_config(data: str, tmp: Path, **kw):
@@ -156,17 +135,6 @@ def _train_worker_pids() -> list[int]:
     return [int(p) for p in out.stdout.split()]
 
 
-def _wait_for_checkpoint(run_dir: Path, timeout: float = 300) -> None:
-    """Until Ray Train has registered a checkpoint (its manager's snapshot names one)."""
-    deadline = time.time() + timeout
-    snapshot = run_dir / "checkpoint_manager_snapshot.json"
-    while time.time() < deadline:
-        if snapshot.is_file() and "checkpoint_" in snapshot.read_text():
-            return
-        time.sleep(0.5)
-    raise TimeoutError(f"no checkpoint in {run_dir}")
-
-
 def test_killed_worker_restarts_from_last_checkpoint(synthetic, tmp_path):
     from stm.train.run import run_training
 
@@ -176,7 +144,7 @@ def test_killed_worker_restarts_from_last_checkpoint(synthetic, tmp_path):
     killed: list[int] = []
 
     def killer() -> None:
-        _wait_for_checkpoint(tmp_path / "runs" / "kill-worker")
+        wait_for_checkpoint(tmp_path / "runs" / "kill-worker")
         pids = _train_worker_pids()
         if pids:
             os.kill(pids[-1], signal.SIGKILL)
@@ -230,7 +198,7 @@ def test_resume_after_the_job_is_killed_continues_epoch_and_lr(synthetic, tmp_pa
     ]
     first = _train(args, tmp_path)
     try:
-        _wait_for_checkpoint(tmp_path / "runs" / "resumable")
+        wait_for_checkpoint(tmp_path / "runs" / "resumable")
     finally:
         os.killpg(first.pid, signal.SIGKILL)  # the driver and everything it started
         first.wait()

@@ -184,9 +184,15 @@ def predict_video(
         {"rgb": clip["rgb"][None], "flow": clip["flow"][None]}, cfg.stage, device
     )
     protocol = (cfg.test_pool, cfg.score_fusion)
-    scores = video_scores(model, rgb, flw, bf16=bf16, window=cfg.num_chunks, protocols=(protocol,))[
-        protocol
-    ]
+    scores = video_scores(
+        model,
+        rgb,
+        flw,
+        bf16=bf16,
+        window=cfg.num_chunks,
+        protocols=(protocol,),
+        motion_weight=cfg.motion_weight,
+    )[protocol]
     probs = scores.get("fused", next(iter(scores.values())))[0].cpu().numpy()
     order = np.argsort(-probs, kind="stable")[: max(1, top_k)]
     return Prediction(
@@ -275,6 +281,7 @@ def evaluate_split(
         bf16=bf16,
         window=loaded.cfg.num_chunks,
         protocols=PROTOCOLS,
+        motion_weight=loaded.cfg.motion_weight,
     )
     own = (loaded.cfg.test_pool, loaded.cfg.score_fusion)
     confusion = confusions[own]

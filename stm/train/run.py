@@ -80,7 +80,7 @@ def prepare_data(cfg: TrainConfig) -> PreparedData:
     """The run's data: the synthetic dataset when none is given, a local path made absolute
     (trials and workers run in other directories), checked (``validate_data``)."""
     if not cfg.data:
-        _init_ray()
+        init_ray()
         cfg = prepare_synthetic(cfg)
     elif "://" not in cfg.data:
         cfg = dataclasses.replace(cfg, data=str(Path(cfg.data).resolve()))
@@ -221,7 +221,7 @@ def describe(cfg: TrainConfig, num_train: int, num_test: int, init: str) -> str:
     )
 
 
-def _init_ray() -> None:
+def init_ray() -> None:
     """A local instance (with the dashboard: Train's placement-group cleaner and the State API
     use it), or the cluster of ``ray job submit`` / ``RAY_ADDRESS`` / ``ray start``."""
     import ray
@@ -261,9 +261,11 @@ def run_training(
     except tracking.TrackingUnavailable as err:
         raise UsageError(str(err)) from None
     data = prepare_data(cfg)
-    _init_ray()
+    init_ray()
     warn_if_not_shared(data.cfg, uri)
-    init, source = (None, "checkpoint") if resume else initial_state(data.cfg, uri)
+    # a resumed run starts from its latest checkpoint; one killed before its first checkpoint
+    # starts again from the same initial weights
+    init, source = initial_state(data.cfg, uri)
     cfg, run_id = open_run(data, uri, resume, source, parent_run_id, tags)
     try:
         result = fit(cfg, data, uri, run_id, init, callbacks)

@@ -253,6 +253,7 @@ def video_scores(
     *,
     window: int | None = None,
     protocols: tuple[TestProtocol, ...] = (("window", "logits"),),
+    motion_weight: float = 1.0,
 ) -> dict[TestProtocol, dict[str, torch.Tensor]]:
     """Per-video class probabilities of the paper's test protocol, for each of ``protocols``
     from one forward pass.
@@ -266,6 +267,7 @@ def video_scores(
         protocols: (pool, fusion) pairs. ``logits`` averages the classification layers' outputs
             over the views (and, for "fused", the streams) and then takes the softmax (Sect. 4.2
             and 5.3, the original); ``softmax`` averages the probabilities.
+        motion_weight: the motion stream's weight in the fused score (3 on HMDB51).
 
     Returns:
         {protocol: {"appearance" / "motion": (B, K), "fused": of both}}.
@@ -288,21 +290,25 @@ def video_scores(
         }
         for p, fusion in protocols:
             if p == pool:
-                out[(pool, fusion)] = _fuse_views(logits, fusion)
+                out[(pool, fusion)] = _fuse_views(logits, fusion, motion_weight)
     return out
 
 
-def _fuse_views(logits: dict[str, torch.Tensor], fusion: str) -> dict[str, torch.Tensor]:
-    """(B, V, K) logits per stream -> (B, K) probabilities per stream and fused."""
+def _fuse_views(
+    logits: dict[str, torch.Tensor], fusion: str, motion_weight: float = 1.0
+) -> dict[str, torch.Tensor]:
+    """(B, V, K) logits per stream -> (B, K) probabilities per stream and fused; the fused
+    score weights the motion stream by ``motion_weight`` (the paper: 3 on HMDB51, Sect. 5.3)."""
+    w = float(motion_weight)
     if fusion == "logits":
         means = {name: x.mean(1) for name, x in logits.items()}
         out = {name: m.softmax(-1) for name, m in means.items()}
         if len(means) == 2:
-            out["fused"] = ((means["appearance"] + means["motion"]) / 2).softmax(-1)
+            out["fused"] = ((means["appearance"] + w * means["motion"]) / (1 + w)).softmax(-1)
         return out
     out = {name: x.softmax(-1).mean(1) for name, x in logits.items()}
     if len(out) == 2:
-        out["fused"] = (out["appearance"] + out["motion"]) / 2
+        out["fused"] = (out["appearance"] + w * out["motion"]) / (1 + w)
     return out
 
 
@@ -316,6 +322,7 @@ def evaluate(
     bf16: bool = False,
     window: int | None = None,
     protocols: tuple[TestProtocol, ...] = (("window", "logits"),),
+    motion_weight: float = 1.0,
 ) -> dict[TestProtocol, dict[str, np.ndarray]]:
     """Confusion matrices (K, K; rows = true class) of each scored stream and of the fusion
     over the test videos in ``batches`` (this worker's share), for each test protocol."""
@@ -328,7 +335,9 @@ def evaluate(
     for batch in batches:
         labels = batch["label"].cpu()
         rgb, flow = model_inputs(batch, stage, device)
-        scores = video_scores(model, rgb, flow, bf16, window=window, protocols=protocols)
+        scores = video_scores(
+            model, rgb, flow, bf16, window=window, protocols=protocols, motion_weight=motion_weight
+        )
         for p, by_name in scores.items():
             for name, probs in by_name.items():
                 pred = probs.argmax(-1).cpu()
