@@ -24,8 +24,9 @@ from stm.config import TrainConfig, embedded_default, stage_recipe  # noqa: E402
 PROG = "train.py"
 
 
-def parse(argv: list[str] | None = None) -> tuple[TrainConfig, bool]:
-    """The run's config from the command line, and whether to resume."""
+def parse(argv: list[str] | None = None) -> tuple[TrainConfig, bool, dict]:
+    """The run's config from the command line, whether to resume, and the flags given (a
+    resume takes the run's own config; the flags given must agree with it)."""
     parser = parser_for(PROG, __doc__)
     add_config_flags(parser, TrainConfig)
     parser.add_argument(
@@ -35,17 +36,20 @@ def parse(argv: list[str] | None = None) -> tuple[TrainConfig, bool]:
     resume = args.pop("resume")
     real = bool(args.get("data"))
     preset = TrainConfig() if real else embedded_default()
+    if resume:  # where the run is; its config comes from its folder
+        where = {k: args[k] for k in ("name", "storage_path", "mlflow_uri") if k in args}
+        return build_config(PROG, embedded_default(), where), True, args
     recipe = stage_recipe(args.get("stage", preset.stage), real, args.get("num_workers", 1))
-    return build_config(PROG, preset, {**recipe, **args}), resume
+    return build_config(PROG, preset, {**recipe, **args}), False, args
 
 
 def main(argv: list[str] | None = None) -> int:
-    cfg, resume = parse(argv)
+    cfg, resume, given = parse(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     from stm.train.run import run_training
 
     try:
-        summary = run_training(cfg, resume=resume)
+        summary = run_training(cfg, resume=resume, explicit=given if resume else None)
     except UsageError as err:
         fail(PROG, str(err))
     m = summary.metrics

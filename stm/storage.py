@@ -24,9 +24,11 @@ def resolve(uri: str) -> tuple[pafs.FileSystem, str]:
 
 
 def join(uri: str, *parts: str) -> str:
-    """Join a local path or a URI with relative parts ('/'-separated for URIs)."""
+    """Join a local path or a URI with relative parts ('/'-separated for URIs); a URI's query
+    string (``s3://bucket/prefix?region=us-east-1``) stays at the end."""
     if "://" in uri:
-        return posixpath.join(uri, *parts)
+        base, sep, query = uri.partition("?")
+        return posixpath.join(base, *parts) + sep + query
     return os.path.join(uri, *parts)
 
 
@@ -74,7 +76,8 @@ def absolute(path: str) -> str:
     """A URI as it is (without a trailing slash), a local path made absolute: Ray workers and
     Tune trials run in other directories."""
     if "://" in path:
-        return path.rstrip("/")
+        base, sep, query = path.partition("?")
+        return base.rstrip("/") + sep + query
     return str(Path(path).resolve())
 
 

@@ -229,6 +229,19 @@ def test_resume_after_the_job_is_killed_continues_epoch_and_lr(synthetic, tmp_pa
     assert lr[3] == pytest.approx(0.0005) and lr[1] == pytest.approx(0.005)
     assert client.get_run(run_id).info.status == "FINISHED"
 
+    # a resume takes the run's own config: a flag that contradicts it, or a finished run, is
+    # one line and exit 2, and the finished run's record stays as it was
+    for extra, message in (
+        (["--lr", "0.1"], "run resumable was started with other values: --lr 0.1 (the run: 0.005)"),
+        ([], "run resumable finished; nothing to resume"),
+    ):
+        again = _train(["--resume", "--name", "resumable", *extra], tmp_path)
+        out, _ = again.communicate(timeout=120)
+        lines = [ln for ln in out.splitlines() if ln.startswith("train.py: error")]
+        assert again.returncode == 2 and lines and message in lines[0], out[-2000:]
+        assert "Traceback" not in out
+    assert client.get_run(run_id).info.status == "FINISHED"
+
 
 @pytest.mark.parametrize(
     "flags,message",

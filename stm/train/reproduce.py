@@ -40,7 +40,7 @@ from stm.config import ReproduceConfig, TrainConfig, UsageError, from_dict, to_d
 from stm.config import stage_recipe as paper_stage_recipe
 from stm.storage import join, read_text, resolve, write_bytes_atomic, write_text
 from stm.train import tracking
-from stm.train.run import init_ray, prepare_data, storage_root
+from stm.train.run import has_checkpoint, init_ray, prepare_data, storage_root
 
 log = logging.getLogger(__name__)
 
@@ -154,7 +154,8 @@ def run_recipe(
     state = _load_or_start(preset, base, flags, recipe, data.dataset, uri)
     init_ray()
     recipe_dir = join(storage_root(base), state.name)
-    tracking.mlflow_client(uri).update_run(state.parent_run_id, status="RUNNING")
+    tracking.close_orphans(uri, base.experiment)  # e.g. this recipe's, if its driver was killed
+    tracking.resume_run(uri, state.parent_run_id)
     log.info("recipe %s: splits %s; MLflow parent run %s", state.name, state.splits, uri)
     ran: list[str] = []
     try:
@@ -266,11 +267,12 @@ def _run_id(cfg: TrainConfig) -> str:
 
 
 def stage_status(state: RecipeState, split: int, stage: str) -> str:
-    """``done`` (its run finished and holds its model), ``interrupted`` (a run exists) or
-    ``new``."""
-    run_id = _run_id(state.config(split, stage))
-    if not run_id:
-        return "new"
+    """``done`` (its run finished and holds its model), ``interrupted`` (its run has a
+    checkpoint to resume from) or ``new``."""
+    cfg = state.config(split, stage)
+    run_id = _run_id(cfg)
+    if not run_id or not has_checkpoint(join(cfg.storage_path, cfg.name)):
+        return "new"  # a run that died before its first checkpoint starts again
     client = tracking.mlflow_client(state.tracking_uri)
     run = client.get_run(run_id)
     if run.info.status == "FINISHED" and any(
@@ -334,7 +336,7 @@ def run_stage(recipe_dir: str, split: int, stage: str) -> str:
     if stage == "fused":  # from both stream runs of this split (MLflow run ids)
         inits = {f"{s}_init": _run_id(state.config(split, s)) for s in STREAMS}
         cfg = dataclasses.replace(cfg, init="streams", **inits)
-    resume = bool(_run_id(cfg))
+    resume = bool(_run_id(cfg)) and has_checkpoint(join(cfg.storage_path, cfg.name))
     tags = {"recipe": state.name, "split": str(split), "recipe_stage": stage}
     summary = run_training(cfg, resume=resume, parent_run_id=state.parent_run_id, tags=tags)
     return summary.run_id

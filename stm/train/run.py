@@ -10,6 +10,7 @@ or the one to resume), ``fit`` and ``finish``. Results go to the home (``stm.hom
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import os
 import time
@@ -18,9 +19,9 @@ from pathlib import Path
 from typing import Any
 
 from stm import home
-from stm.config import TrainConfig, UsageError, to_dict
+from stm.config import TrainConfig, UsageError, from_dict, to_dict, with_changes
 from stm.data.shards import list_parquet, read_classes, read_dataset_info
-from stm.storage import absolute, read_text, resolve, write_text
+from stm.storage import absolute, join, read_text, resolve, write_text
 from stm.train import tracking
 from stm.train.checkpoint import fetch_run, fetch_uri, load_checkpoint
 from stm.train.ingest import build_datasets, data_config, split_sizes
@@ -29,7 +30,25 @@ from stm.train.loop import SCORE, train_loop_per_worker
 log = logging.getLogger(__name__)
 
 SYNTHETIC_FLOW = "dis"  # DIS keeps the laptop demo in minutes; real data defaults to TV-L1
-LATEST_FILE = "LATEST"  # in the storage path: the name of the newest run, for --resume
+CONFIG_FILE = "config.json"  # in a run's folder: its config, as it started (what --resume reads)
+CHECKPOINT_SNAPSHOT = (
+    "checkpoint_manager_snapshot.json"  # Ray Train's record of a run's checkpoints
+)
+# flags a resume may change: where the run is and how it runs, not what it trains
+RESUME_MAY_CHANGE = frozenset(
+    {
+        "name",
+        "storage_path",
+        "mlflow_uri",
+        "experiment",
+        "max_failures",
+        "num_workers",
+        "gpus_per_worker",
+        "cpus_per_worker",
+        "keep_checkpoints",
+        "imagenet_dir",
+    }
+)
 
 
 @dataclass(frozen=True)
@@ -92,11 +111,16 @@ def prepare_data(cfg: TrainConfig) -> PreparedData:
     try:
         dataset = read_dataset_info(cfg.data)
     except (FileNotFoundError, OSError, ValueError) as err:
-        log.warning(
-            "%s: %s; its models will need --flow and --short-side to predict", cfg.data, err
-        )
-        dataset = {}
+        raise UsageError(
+            f"--data {cfg.data}: dataset.json: {_one_line(err)} (how the data was preprocessed: "
+            f"rerun jobs/preprocess.py --out {cfg.data} with its options)"
+        ) from None
     return PreparedData(cfg, classes, num_train, num_test, dataset)
+
+
+def _one_line(err: BaseException) -> str:
+    text = " ".join(str(err).split())
+    return text[:200] or type(err).__name__
 
 
 def _read_line(uri: str) -> str | None:
@@ -113,8 +137,19 @@ def validate_data(cfg: TrainConfig) -> tuple[list[str], int, int]:
         shards = []
     if not shards:
         raise UsageError(f"--data {cfg.data}: no shards (run jobs/preprocess.py --out {cfg.data})")
-    classes = read_classes(cfg.data)
-    num_train, num_test = split_sizes(cfg.data, cfg.split)
+    repair = f"rerun jobs/preprocess.py --out {cfg.data} with its options"
+    try:
+        classes = read_classes(cfg.data)
+        if not classes or not all(isinstance(c, str) for c in classes):
+            raise ValueError("not a list of class names")
+    except (FileNotFoundError, OSError, ValueError) as err:
+        raise UsageError(f"--data {cfg.data}: classes.json: {_one_line(err)} ({repair})") from None
+    try:
+        num_train, num_test = split_sizes(cfg.data, cfg.split)
+    except (OSError, ValueError) as err:  # pyarrow's errors for unreadable shards
+        raise UsageError(
+            f"--data {cfg.data}: the shards cannot be read: {_one_line(err)}"
+        ) from None
     if num_train == 0 or num_test == 0:
         raise UsageError(
             f"--split {cfg.split}: the data has {num_train} training and {num_test} test videos"
@@ -125,6 +160,26 @@ def validate_data(cfg: TrainConfig) -> tuple[list[str], int, int]:
             f"--bn-batch {cfg.bn_batch}"
         )
     return classes, num_train, num_test
+
+
+def check_gpus(cfg: TrainConfig) -> None:
+    """GPUs the cluster cannot give: one line on a single machine (it would wait forever), a
+    warning on a cluster whose autoscaler may still add GPU nodes."""
+    import ray
+
+    need = cfg.num_workers * cfg.gpus_per_worker
+    have = ray.cluster_resources().get("GPU", 0.0)
+    if need <= have:
+        return
+    nodes = [n for n in ray.nodes() if n.get("Alive")]
+    if len(nodes) == 1 and nodes[0].get("Resources", {}).get("CPU", 0) > 0:
+        raise UsageError(
+            f"--num-workers {cfg.num_workers} x --gpus-per-worker {cfg.gpus_per_worker:g} need "
+            f"{need:g} GPUs; this machine's Ray has {have:g}"
+        )
+    log.warning(
+        "waiting for %g GPUs: the cluster has %g now (an autoscaler may add nodes)", need, have
+    )
 
 
 def warn_if_not_shared(cfg: TrainConfig, uri: str) -> None:
@@ -171,9 +226,23 @@ def initial_state(cfg: TrainConfig, uri: str) -> tuple[dict[str, Any] | None, st
     for stream, ref in refs.items():
         if ref:
             prefixes = (f"{stream}.", f"temporal.{stream}.")
-            ckpt = load_checkpoint(_checkpoint_path(f"--{stream}-init", ref, uri))
+            ckpt = _load_init(
+                f"--{stream}-init", ref, _checkpoint_path(f"--{stream}-init", ref, uri)
+            )
             state.update({k: v for k, v in ckpt["model"].items() if k.startswith(prefixes)})
     return state, ", ".join(f"{s} from {r}" for s, r in refs.items() if r)
+
+
+def _load_init(flag: str, ref: str, path: str) -> dict[str, Any]:
+    """A stream run's checkpoint (weights only); anything else is a one-line error."""
+    try:
+        state = load_checkpoint(path)
+        if not isinstance(state, dict) or "model" not in state:
+            raise ValueError("it holds no model weights")
+    except Exception as err:  # noqa: BLE001 - not a checkpoint: torch's many error types
+        reason = (str(err).strip().splitlines() or [type(err).__name__])[0][:200]
+        raise UsageError(f"{flag} {ref}: not an stm checkpoint ({reason})") from None
+    return state
 
 
 def _checkpoint_path(flag: str, ref: str, uri: str) -> str:
@@ -230,6 +299,22 @@ def init_ray() -> None:
         ray.init()
 
 
+def check_storage(storage: str) -> None:
+    """Fail in one line, before anything is computed, when the storage path cannot hold runs
+    (a file, no permission, an unreachable or forbidden bucket)."""
+    from pyarrow import fs as pafs
+
+    try:
+        filesystem, root = resolve(storage)
+        filesystem.create_dir(root, recursive=True)
+        kind = filesystem.get_file_info(root).type
+        if "://" not in storage and kind != pafs.FileType.Directory:  # object stores: no dirs
+            raise NotADirectoryError(f"{root} is not a folder")
+    except (OSError, ValueError) as err:
+        reason = " ".join(str(err).split())[:200]
+        raise UsageError(f"--storage-path {storage}: {reason}") from None
+
+
 def storage_root(cfg: TrainConfig) -> str:
     """Where runs and checkpoints go: ``--storage-path``, else the home's ``runs/``."""
     return absolute(cfg.storage_path or home.runs_dir())
@@ -242,16 +327,21 @@ def run_training(
     parent_run_id: str = "",
     tags: dict[str, str] | None = None,
     callbacks: list | None = None,
+    explicit: dict[str, Any] | None = None,
 ) -> RunSummary:
     """Train (or resume) one run and return its summary; usage errors raise ``UsageError``.
 
     Args:
-        cfg: the run.
-        resume: continue the run ``cfg.name`` (default: the latest under the storage path).
+        cfg: the run; with ``resume`` only its name, storage path and tracking URI are used
+            (the run's config comes from its folder).
+        resume: continue the run ``cfg.name`` (default: the run under the storage path that
+            wrote a checkpoint last).
         parent_run_id: an MLflow parent run (a sweep) for this run.
         tags: extra MLflow tags (e.g. the sweep's variant name).
         callbacks: Ray Train ``RunConfig`` callbacks, e.g. Tune's report callback when this
             run is one trial of a sweep.
+        explicit: with ``resume``, the flags the user gave (flat names): each must agree with
+            the run's config, except those in ``RESUME_MAY_CHANGE``.
     """
     started = time.time()
     cfg = cfg.resolved()  # the effective values, in the MLflow params and the checkpoints
@@ -260,8 +350,13 @@ def run_training(
         tracking.check_reachable(uri)
     except tracking.TrackingUnavailable as err:
         raise UsageError(str(err)) from None
+    check_storage(storage_root(cfg))
+    tracking.close_orphans(uri, cfg.experiment)  # runs whose drivers were killed
+    if resume:  # the run's own config, from its folder; a contradicting flag is an error
+        cfg = resumed_config(cfg, uri, explicit)
     data = prepare_data(cfg)
     init_ray()
+    check_gpus(data.cfg)
     warn_if_not_shared(data.cfg, uri)
     # a resumed run starts from its latest checkpoint; one killed before its first checkpoint
     # starts again from the same initial weights
@@ -277,7 +372,7 @@ def run_training(
         name=cfg.name,
         run_id=run_id,
         tracking_uri=uri,
-        storage=f"{storage_root(cfg)}/{cfg.name}",
+        storage=join(storage_root(cfg), cfg.name),
         metrics=dict(result.metrics or {}),
         best_checkpoint=best,
         seconds=time.time() - started,
@@ -297,22 +392,21 @@ def open_run(
     else the latest under the storage path), or a new run with every config value and the
     dataset's settings as params."""
     cfg, storage = data.cfg, storage_root(data.cfg)
-    if resume:
-        name = cfg.name or _read_line(f"{storage}/{LATEST_FILE}")
-        run_id = _read_line(f"{storage}/{name}/{tracking.RUN_ID_FILE}") if name else None
-        if not name or not run_id:
-            raise UsageError(f"--resume: no run {cfg.name or '(latest)'} under {storage}")
-        cfg = dataclasses.replace(cfg, name=name)
-        tracking.set_tags(uri, run_id, {"resumed": time.strftime("%Y-%m-%d %H:%M:%S")})
+    if resume:  # resumed_config found the run and its checkpoint
+        run_id = _read_line(join(storage, cfg.name, tracking.RUN_ID_FILE)) or ""
+        tracking.resume_run(uri, run_id)
     else:
         name = cfg.name or f"{cfg.stage}-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}"
-        if _read_line(f"{storage}/{name}/{tracking.RUN_ID_FILE}"):
+        old_run = _read_line(join(storage, name, tracking.RUN_ID_FILE))
+        if old_run and has_checkpoint(join(storage, name)):
             raise UsageError(f"run {name} exists under {storage}: pass --resume to continue it")
+        if old_run:  # it died before its first checkpoint: nothing to resume, start it again
+            tracking.end_run(uri, old_run, "FAILED", reason="ended before its first checkpoint")
         cfg = dataclasses.replace(cfg, name=name)
         run_tags = {
             "stage": cfg.stage,
             "variant": cfg.model.variant,
-            "storage": f"{storage}/{name}",
+            "storage": join(storage, name),
             "init": source,
             **(tags or {}),
         }
@@ -325,10 +419,108 @@ def open_run(
             parent_run_id=parent_run_id,
             description=describe(cfg, data.num_train, data.num_test, source),
         )
-        write_text(f"{storage}/{name}/{tracking.RUN_ID_FILE}", run_id)
-    write_text(f"{storage}/{LATEST_FILE}", name)
-    log.info("MLflow run %s in %s (%s/%s)", run_id, uri, storage, name)
+        write_text(join(storage, name, CONFIG_FILE), json.dumps(to_dict(cfg), indent=1))
+        write_text(join(storage, name, tracking.RUN_ID_FILE), run_id)
+    log.info("MLflow run %s in %s (%s)", run_id, uri, join(storage, cfg.name))
     return cfg, run_id
+
+
+def has_checkpoint(run_dir: str) -> bool:
+    """Whether Ray Train has recorded a checkpoint of the run (its manager's snapshot)."""
+    text = read_text(join(run_dir, CHECKPOINT_SNAPSHOT))
+    return bool(text and "checkpoint_" in text)
+
+
+def latest_checkpointed_run(storage: str) -> str:
+    """The run under ``storage`` that wrote a checkpoint last ("" when none did)."""
+    from pyarrow import fs as pafs
+
+    filesystem, root = resolve(storage)
+    try:
+        entries = filesystem.get_file_info(pafs.FileSelector(root, allow_not_found=True))
+    except OSError:
+        return ""
+    newest = ("", -1)
+    for entry in entries:
+        if entry.type != pafs.FileType.Directory:
+            continue
+        snapshot = filesystem.get_file_info(f"{entry.path}/{CHECKPOINT_SNAPSHOT}")
+        name = entry.path.rstrip("/").rsplit("/", 1)[-1]
+        if snapshot.type == pafs.FileType.File and has_checkpoint(join(storage, name)):
+            mtime = snapshot.mtime_ns or 0
+            if mtime > newest[1]:
+                newest = (name, mtime)
+    return newest[0]
+
+
+def _flat(cfg: TrainConfig) -> dict[str, Any]:
+    values = to_dict(cfg)
+    model = values.pop("model")
+    flat = {**values, **model}
+    return {k: list(v) if isinstance(v, tuple | list) else v for k, v in flat.items()}
+
+
+def resumed_config(
+    cfg: TrainConfig, uri: str, explicit: dict[str, Any] | None = None
+) -> TrainConfig:
+    """The config of the run to resume (``cfg.name``, else the run that wrote a checkpoint
+    last), as the run saved it, with the flags that may change on a resume applied. One-line
+    ``UsageError``: no such run, no checkpoint yet (nothing to resume), a finished run, or a
+    flag that contradicts the run's config."""
+    storage = storage_root(cfg)
+    name = cfg.name or latest_checkpointed_run(storage)
+    if not name:
+        raise UsageError(f"--resume: no run under {storage} has written a checkpoint")
+    run_dir = join(storage, name)
+    run_id = _read_line(join(run_dir, tracking.RUN_ID_FILE))
+    if not run_id:
+        raise UsageError(f"--resume: no run {name} under {storage}")
+    if not has_checkpoint(run_dir):
+        raise UsageError(
+            f"--resume: run {name} ended before its first checkpoint: nothing to resume "
+            "(start it again without --resume)"
+        )
+    text = read_text(join(run_dir, CONFIG_FILE))
+    if text:
+        saved = from_dict(TrainConfig, json.loads(text))
+    else:  # a run from before config.json: its newest checkpoint says
+        saved = from_dict(TrainConfig, load_checkpoint(_newest_checkpoint(run_dir))["config"])
+    given = dict(explicit or {})
+    if given.get("data") and "://" not in given["data"]:
+        given["data"] = str(Path(given["data"]).resolve())
+    theirs = _flat(saved)
+    clash = [
+        k
+        for k, v in given.items()
+        if k not in RESUME_MAY_CHANGE
+        and k in theirs
+        and theirs[k] != (list(v) if isinstance(v, tuple | list) else v)
+    ]
+    if clash:
+        said = ", ".join(
+            f"--{k.replace('_', '-')} {given[k]} (the run: {theirs[k]})" for k in clash
+        )
+        raise UsageError(f"--resume: run {name} was started with other values: {said}")
+    if tracking.run_status(uri, run_id) == "FINISHED":
+        raise UsageError(f"--resume: run {name} finished; nothing to resume")
+    changes = {k: v for k, v in given.items() if k in RESUME_MAY_CHANGE}
+    return with_changes(saved, {**changes, "name": name, "storage_path": cfg.storage_path})
+
+
+def _newest_checkpoint(run_dir: str) -> str:
+    from pyarrow import fs as pafs
+
+    filesystem, root = resolve(run_dir)
+    names = sorted(
+        e.path
+        for e in filesystem.get_file_info(pafs.FileSelector(root))
+        if e.type == pafs.FileType.Directory
+        and e.path.rstrip("/").rsplit("/", 1)[-1].startswith("checkpoint_")
+    )
+    local = names[-1]
+    if "://" in run_dir:
+        return str(fetch_uri(join(run_dir, local.rsplit("/", 1)[-1]), home.model_cache()))
+    return local
 
 
 def fit(
@@ -367,7 +559,7 @@ def fit(
         ),
         run_config=RunConfig(
             name=cfg.name,
-            storage_path=storage_root(cfg),
+            **_ray_storage(storage_root(cfg)),
             checkpoint_config=CheckpointConfig(
                 num_to_keep=cfg.keep_checkpoints,
                 checkpoint_score_attribute=SCORE,
@@ -380,6 +572,15 @@ def fit(
         dataset_config=data_config(),
     )
     return trainer.fit()
+
+
+def _ray_storage(storage: str) -> dict[str, Any]:
+    """Ray Train's storage arguments: a URI as its pyarrow filesystem and path (so that a
+    query string such as ``?region=`` configures the filesystem instead of ending the path)."""
+    if "://" not in storage:
+        return {"storage_path": storage}
+    filesystem, path = resolve(storage)
+    return {"storage_path": path, "storage_filesystem": filesystem}
 
 
 def finish(cfg: TrainConfig, uri: str, run_id: str, result: Any) -> tuple[str, str]:

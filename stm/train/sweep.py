@@ -38,7 +38,7 @@ from stm.storage import join, read_text, resolve, write_bytes_atomic, write_text
 from stm.train import tracking
 from stm.train.grids import Grid, load_grid, trial_configs
 from stm.train.report import TrialRow, write_report
-from stm.train.run import prepare_data, storage_root
+from stm.train.run import has_checkpoint, prepare_data, storage_root
 
 log = logging.getLogger(__name__)
 
@@ -311,7 +311,8 @@ def sweep_trial(config: dict[str, Any]) -> None:
     try:
         run_training(
             cfg,
-            resume=bool(read_text(run_id_file)),
+            resume=bool(read_text(run_id_file))
+            and has_checkpoint(join(cfg.storage_path, cfg.name)),
             parent_run_id=state.parent_run_id,
             tags=tags,
             callbacks=[TuneReportCallback()],

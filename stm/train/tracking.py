@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import socket
 import time
 from collections.abc import Mapping
 from pathlib import Path
@@ -18,6 +19,8 @@ import numpy as np
 log = logging.getLogger(__name__)
 
 RUN_ID_FILE = "mlflow_run_id"
+DRIVER_HOST = "driver_host"  # tags: the host and pid of the process that owns a run
+DRIVER_PID = "driver_pid"
 
 
 class TrackingUnavailable(RuntimeError):
@@ -58,6 +61,8 @@ def check_reachable(uri: str, timeout_s: float = 10.0, create: bool = True) -> N
             parent.mkdir(parents=True, exist_ok=True)
         if not parent.is_dir() or not os.access(parent, os.W_OK):
             raise TrackingUnavailable(f"MLflow store {uri}: folder {parent} is not writable")
+        if db.exists():
+            _check_sqlite(uri, db)
         return
     saved = {
         k: os.environ.get(k)
@@ -78,6 +83,17 @@ def check_reachable(uri: str, timeout_s: float = 10.0, create: bool = True) -> N
                 os.environ.pop(k, None)
             else:
                 os.environ[k] = v
+
+
+def _check_sqlite(uri: str, db: Path) -> None:
+    """An existing SQLite store must be a database (not some other file)."""
+    import sqlite3
+
+    try:
+        with sqlite3.connect(f"file:{db}?mode=ro", uri=True) as conn:
+            conn.execute("SELECT name FROM sqlite_master LIMIT 1").fetchall()
+    except sqlite3.Error as err:
+        raise TrackingUnavailable(f"MLflow store {uri}: {db} is not usable ({err})") from None
 
 
 EXPERIMENT_TAGS = {"mlflow.experimentKind": "custom_model_development"}  # the MLflow 3 UI's view
@@ -130,7 +146,7 @@ def start_run(
     from mlflow.entities import Param, RunTag
 
     client = mlflow_client(uri)
-    all_tags = dict(tags)
+    all_tags = {**driver_tags(), **tags}
     if parent_run_id:
         all_tags["mlflow.parentRunId"] = parent_run_id
     if description:
@@ -219,8 +235,67 @@ def log_artifacts(uri: str, run_id: str, local_dir: str, artifact_path: str) -> 
     mlflow_client(uri).log_artifacts(run_id, local_dir, artifact_path)
 
 
-def end_run(uri: str, run_id: str, status: str = "FINISHED") -> None:
-    mlflow_client(uri).set_terminated(run_id, status=status)
+def end_run(uri: str, run_id: str, status: str = "FINISHED", reason: str = "") -> None:
+    """End a run (``reason``, when given, as its ``error`` tag)."""
+    client = mlflow_client(uri)
+    if reason:
+        client.set_tag(run_id, "error", reason)
+    client.set_terminated(run_id, status=status)
+
+
+def run_status(uri: str, run_id: str) -> str:
+    """RUNNING, FINISHED, FAILED or KILLED; "" for a run the store does not hold."""
+    try:
+        return mlflow_client(uri).get_run(run_id).info.status
+    except Exception:  # noqa: BLE001 - not found (the store's error type varies)
+        return ""
+
+
+def resume_run(uri: str, run_id: str) -> None:
+    """Mark a run RUNNING again, tagged with when it was resumed and by which driver."""
+    client = mlflow_client(uri)
+    client.update_run(run_id, status="RUNNING")
+    tags = {"resumed": time.strftime("%Y-%m-%d %H:%M:%S"), **driver_tags()}
+    for k, v in tags.items():
+        client.set_tag(run_id, k, v)
+
+
+def driver_tags() -> dict[str, str]:
+    """Which process owns a run: a run still RUNNING whose driver is gone was killed."""
+    return {DRIVER_HOST: socket.gethostname(), DRIVER_PID: str(os.getpid())}
+
+
+def close_orphans(uri: str, experiment: str) -> list[str]:
+    """Mark KILLED the runs of ``experiment`` still RUNNING whose driver was a process of
+    this machine that no longer exists (a killed driver cannot end its own run); returns
+    their ids. Runs of drivers on other machines are left alone."""
+    client = mlflow_client(uri)
+    exp = client.get_experiment_by_name(experiment)
+    if exp is None:
+        return []
+    host = socket.gethostname()
+    closed = []
+    for run in client.search_runs([exp.experiment_id], "attributes.status = 'RUNNING'"):
+        tags = run.data.tags
+        pid = tags.get(DRIVER_PID, "")
+        if tags.get(DRIVER_HOST) != host or not pid.isdigit() or _alive(int(pid)):
+            continue
+        client.set_tag(run.info.run_id, "error", f"its driver (pid {pid} on {host}) was killed")
+        client.set_terminated(run.info.run_id, status="KILLED")
+        closed.append(run.info.run_id)
+    if closed:
+        log.warning("marked %d run(s) whose driver was killed KILLED: %s", len(closed), closed)
+    return closed
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
 
 
 def fail_run(uri: str, run_id: str, err: BaseException) -> None:
