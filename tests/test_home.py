@@ -6,7 +6,7 @@ from pathlib import Path
 
 from stm import home
 from stm.config import TrainConfig
-from stm.train.run import storage_root
+from stm.train.runs import storage_root
 from stm.train.tracking import check_reachable, resolve_uri
 
 

@@ -40,7 +40,8 @@ from stm.config import ReproduceConfig, TrainConfig, UsageError, from_dict, to_d
 from stm.config import stage_recipe as paper_stage_recipe
 from stm.storage import join, read_text, resolve, write_bytes_atomic, write_text
 from stm.train import tracking
-from stm.train.run import has_checkpoint, init_ray, prepare_data, storage_root
+from stm.train.prepare import init_ray, prepare_data
+from stm.train.runs import has_checkpoint, storage_root
 
 log = logging.getLogger(__name__)
 

@@ -37,8 +37,9 @@ from stm.config import SweepConfig, TrainConfig, UsageError, from_dict, to_dict
 from stm.storage import join, read_text, resolve, write_bytes_atomic, write_text
 from stm.train import tracking
 from stm.train.grids import Grid, load_grid, trial_configs
+from stm.train.prepare import prepare_data
 from stm.train.report import TrialRow, write_report
-from stm.train.run import has_checkpoint, prepare_data, storage_root
+from stm.train.runs import has_checkpoint, storage_root
 
 log = logging.getLogger(__name__)
 

@@ -1,0 +1,243 @@
+"""What a training run starts from, checked before anything is computed: its data (the
+embedded synthetic dataset when none is given; classes, split sizes and the dataset's settings),
+its initial weights (ImageNet, the stream runs' checkpoints, or none) and the cluster's room for
+it (GPUs, shared storage). Shared by training, sweeps and the whole recipe.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from stm import home
+from stm.config import TrainConfig, UsageError
+from stm.data.shards import list_parquet, read_classes, read_dataset_info
+from stm.storage import resolve
+from stm.train.checkpoint import fetch_run, fetch_uri, load_checkpoint
+from stm.train.ingest import split_sizes
+from stm.train.runs import storage_root
+
+log = logging.getLogger(__name__)
+
+SYNTHETIC_FLOW = "dis"  # DIS keeps the laptop demo in minutes; real data defaults to TV-L1
+
+
+@dataclass(frozen=True)
+class PreparedData:
+    """A run's data, checked: the config with its data path absolute and ``num_classes`` from
+    the data, the class names, the split's sizes and the dataset's settings (dataset.json)."""
+
+    cfg: TrainConfig
+    classes: list[str]
+    num_train: int
+    num_test: int
+    dataset: dict[str, Any]
+
+
+def prepare_synthetic(cfg: TrainConfig) -> TrainConfig:
+    """Generate and preprocess the synthetic dataset when no data is given (kept for reruns,
+    in the home)."""
+    from stm.config import PreprocessConfig
+    from stm.data.preprocess import run_preprocess
+
+    out = home.synthetic_data()
+    if not (out / "classes.json").is_file() or not list(out.glob("shards/*.parquet")):
+        log.info("preparing the synthetic dataset in %s (first run only)", out)
+        run_preprocess(
+            PreprocessConfig(
+                source="synthetic",
+                root=str(out.parent / "synthetic-videos"),
+                out=str(out),
+                flow=SYNTHETIC_FLOW,
+            )
+        )
+    return dataclasses.replace(cfg, data=str(out))
+
+
+def prepare_data(cfg: TrainConfig) -> PreparedData:
+    """The run's data: the synthetic dataset when none is given, a local path made absolute
+    (trials and workers run in other directories), checked (``validate_data``)."""
+    if not cfg.data:
+        init_ray()
+        cfg = prepare_synthetic(cfg)
+    elif "://" not in cfg.data:
+        cfg = dataclasses.replace(cfg, data=str(Path(cfg.data).resolve()))
+    classes, num_train, num_test = validate_data(cfg)
+    if cfg.model.num_classes != len(classes):
+        cfg = dataclasses.replace(
+            cfg, model=dataclasses.replace(cfg.model, num_classes=len(classes))
+        )
+    try:
+        dataset = read_dataset_info(cfg.data)
+    except (FileNotFoundError, OSError, ValueError) as err:
+        raise UsageError(
+            f"--data {cfg.data}: dataset.json: {_one_line(err)} (how the data was preprocessed: "
+            f"rerun jobs/preprocess.py --out {cfg.data} with its options)"
+        ) from None
+    return PreparedData(cfg, classes, num_train, num_test, dataset)
+
+
+def _one_line(err: BaseException) -> str:
+    text = " ".join(str(err).split())
+    return text[:200] or type(err).__name__
+
+
+def validate_data(cfg: TrainConfig) -> tuple[list[str], int, int]:
+    """Class names and split sizes; one-line usage errors for data that cannot train."""
+    fs, root = resolve(cfg.data)
+    try:
+        shards = list_parquet(fs, f"{root.rstrip('/')}/shards")
+    except (FileNotFoundError, OSError):
+        shards = []
+    if not shards:
+        raise UsageError(f"--data {cfg.data}: no shards (run jobs/preprocess.py --out {cfg.data})")
+    repair = f"rerun jobs/preprocess.py --out {cfg.data} with its options"
+    try:
+        classes = read_classes(cfg.data)
+        if not classes or not all(isinstance(c, str) for c in classes):
+            raise ValueError("not a list of class names")
+    except (FileNotFoundError, OSError, ValueError) as err:
+        raise UsageError(f"--data {cfg.data}: classes.json: {_one_line(err)} ({repair})") from None
+    try:
+        num_train, num_test = split_sizes(cfg.data, cfg.split)
+    except (OSError, ValueError) as err:  # pyarrow's errors for unreadable shards
+        raise UsageError(
+            f"--data {cfg.data}: the shards cannot be read: {_one_line(err)}"
+        ) from None
+    if num_train == 0 or num_test == 0:
+        raise UsageError(
+            f"--split {cfg.split}: the data has {num_train} training and {num_test} test videos"
+        )
+    if num_train // cfg.num_workers < cfg.bn_batch:
+        raise UsageError(
+            f"{num_train} training videos are too few for {cfg.num_workers} workers with "
+            f"--bn-batch {cfg.bn_batch}"
+        )
+    return classes, num_train, num_test
+
+
+def check_gpus(cfg: TrainConfig) -> None:
+    """GPUs the cluster cannot give: one line on a single machine (it would wait forever), a
+    warning on a cluster whose autoscaler may still add GPU nodes."""
+    import ray
+
+    need = cfg.num_workers * cfg.gpus_per_worker
+    have = ray.cluster_resources().get("GPU", 0.0)
+    if need <= have:
+        return
+    nodes = [n for n in ray.nodes() if n.get("Alive")]
+    if len(nodes) == 1 and nodes[0].get("Resources", {}).get("CPU", 0) > 0:
+        raise UsageError(
+            f"--num-workers {cfg.num_workers} x --gpus-per-worker {cfg.gpus_per_worker:g} need "
+            f"{need:g} GPUs; this machine's Ray has {have:g}"
+        )
+    log.warning(
+        "waiting for %g GPUs: the cluster has %g now (an autoscaler may add nodes)", need, have
+    )
+
+
+def warn_if_not_shared(cfg: TrainConfig, uri: str) -> None:
+    """On a multi-node cluster, local paths must be on a filesystem every node shares."""
+    import ray
+
+    nodes = [n for n in ray.nodes() if n.get("Alive")]
+    if len(nodes) < 2:
+        return
+    local = []
+    storage = storage_root(cfg)
+    if "://" not in storage:
+        local.append(f"--storage-path {storage}")
+    if uri.startswith("sqlite:"):
+        local.append(f"MLflow store {uri}")
+    if local:
+        log.warning(
+            "%d nodes, but %s %s local: use s3:// or gs:// (and an MLflow server), or a shared "
+            "filesystem mounted at the same path on every node",
+            len(nodes),
+            " and ".join(local),
+            "is" if len(local) == 1 else "are",
+        )
+
+
+def initial_state(cfg: TrainConfig, uri: str) -> tuple[dict[str, Any] | None, str]:
+    """The run's starting weights and where they come from (the ``init`` tag), by
+    ``cfg.resolved_init`` (Sect. 4.1: each stream from ImageNet, the fused model from both):
+
+    - streams: the stream runs' checkpoints (``--appearance-init`` / ``--motion-init``: MLflow
+      run ids or checkpoint paths); the fused stage needs both;
+    - imagenet: torchvision's ImageNet files (``--imagenet-dir`` or torch's cache), for the
+      streams the stage trains; missing files are a usage error;
+    - scratch: nothing.
+    """
+    how = cfg.resolved_init
+    if how == "scratch":
+        return None, "scratch"
+    if how == "imagenet":
+        return _imagenet_state(cfg), "ImageNet"
+    cfg.check_stream_inits()
+    refs = {"appearance": cfg.appearance_init, "motion": cfg.motion_init}
+    state: dict[str, Any] = {}
+    for stream, ref in refs.items():
+        if ref:
+            prefixes = (f"{stream}.", f"temporal.{stream}.")
+            ckpt = _load_init(
+                f"--{stream}-init", ref, _checkpoint_path(f"--{stream}-init", ref, uri)
+            )
+            state.update({k: v for k, v in ckpt["model"].items() if k.startswith(prefixes)})
+    return state, ", ".join(f"{s} from {r}" for s, r in refs.items() if r)
+
+
+def _load_init(flag: str, ref: str, path: str) -> dict[str, Any]:
+    """A stream run's checkpoint (weights only); anything else is a one-line error."""
+    try:
+        state = load_checkpoint(path)
+        if not isinstance(state, dict) or "model" not in state:
+            raise ValueError("it holds no model weights")
+    except Exception as err:  # noqa: BLE001 - not a checkpoint: torch's many error types
+        reason = (str(err).strip().splitlines() or [type(err).__name__])[0][:200]
+        raise UsageError(f"{flag} {ref}: not an stm checkpoint ({reason})") from None
+    return state
+
+
+def _checkpoint_path(flag: str, ref: str, uri: str) -> str:
+    """A local checkpoint for ``ref``: a local path, a file or folder in cloud storage, or the
+    best checkpoint of an MLflow run (downloads cached under the home)."""
+    if Path(ref).exists():
+        return ref
+    try:
+        if "://" in ref:
+            return str(fetch_uri(ref, home.model_cache()))
+        return str(fetch_run(uri, ref, home.model_cache()))
+    except UsageError as err:
+        raise UsageError(f"{flag} {ref}: {err}") from None
+    except Exception as err:  # noqa: BLE001
+        reason = " ".join(str(err).split())[:200]
+        raise UsageError(f"{flag} {ref}: no such file or MLflow run in {uri} ({reason})") from None
+
+
+def _imagenet_state(cfg: TrainConfig) -> dict[str, Any]:
+    from stm.model import build_model
+    from stm.model.imagenet import load_stream
+    from stm.train.steps import streams_of
+
+    model = build_model(cfg.model)
+    archs = {"appearance": cfg.model.appearance_arch, "motion": cfg.model.motion_arch}
+    try:
+        for stream in streams_of(cfg.stage):
+            load_stream(model.stream(stream), archs[stream], cfg.imagenet_dir or None)
+    except FileNotFoundError as err:
+        raise UsageError(f"--init imagenet: {err}; or choose --init scratch") from None
+    keep = tuple(f"{s}." for s in streams_of(cfg.stage))
+    return {k: v for k, v in model.state_dict().items() if k.startswith(keep)}
+
+
+def init_ray() -> None:
+    """A local instance (with the dashboard: Train's placement-group cleaner and the State API
+    use it), or the cluster of ``ray job submit`` / ``RAY_ADDRESS`` / ``ray start``."""
+    import ray
+
+    if not ray.is_initialized():
+        ray.init()
