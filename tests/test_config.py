@@ -145,3 +145,31 @@ def test_fused_stage_recipe_and_init() -> None:
     embedded = _train()
     assert embedded.resolved_init == "scratch"
     assert _train("--stage", "motion").num_chunks == 1  # the stream structure, small sizes
+
+
+def test_every_readme_command_uses_flags_its_job_has():
+    """Each ``python jobs/X.py ...`` line of the README (continuations joined) names a job that
+    exists, and every flag it gives is one of that job's (from the job's own --help)."""
+    import re
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    text = (root / "README.md").read_text().replace("\\\n", " ")
+    commands = re.findall(r"python (jobs/\w+\.py)([^\n#`]*)", text)
+    assert {c for c, _ in commands} >= {
+        "jobs/train.py", "jobs/predict.py", "jobs/evaluate.py", "jobs/sweep.py",
+        "jobs/preprocess.py", "jobs/reproduce.py",
+    }  # fmt: skip
+    helps: dict[str, str] = {}
+    for job, args in commands:
+        assert (root / job).is_file(), job
+        if job not in helps:
+            proc = subprocess.run(
+                [sys.executable, job, "--help"], cwd=root, capture_output=True, text=True
+            )
+            assert proc.returncode == 0, proc.stderr
+            helps[job] = proc.stdout
+        for flag in re.findall(r"(?<!\S)(--[a-z][a-z0-9-]*)", args):
+            assert re.search(rf"{re.escape(flag)}\b", helps[job]), f"{job} has no {flag}"
