@@ -100,3 +100,13 @@ def test_uris_with_a_query_string_join_before_it():
     assert join(uri, "runs", "x") == "s3://bucket/prefix/runs/x?region=us-east-1"
     assert absolute("s3://bucket/prefix/?region=eu-west-1") == "s3://bucket/prefix?region=eu-west-1"
     assert join("/local", "a") == "/local/a"
+
+
+def test_a_missing_shard_is_named_before_training(broken_data, tmp_path):
+    """A deleted shard would silently shrink the training set: the manifest says what is gone."""
+    shard = sorted((broken_data / "shards").glob("*.parquet"))[0]
+    shard.unlink()
+    common = ["--init", "scratch", "--mlflow-uri", f"sqlite:///{tmp_path / 'm.db'}"]
+    proc = _job("train.py", [*common, "--data", str(broken_data)], tmp_path)
+    _one_line(proc, "train.py", "videos its manifest records as done are in no shard")
+    assert f"rerun jobs/preprocess.py --out {broken_data}" in proc.stderr

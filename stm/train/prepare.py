@@ -107,6 +107,7 @@ def validate_data(cfg: TrainConfig) -> tuple[list[str], int, int]:
         raise UsageError(
             f"--data {cfg.data}: the shards cannot be read: {_one_line(err)}"
         ) from None
+    check_manifest(cfg.data, repair)
     if num_train == 0 or num_test == 0:
         raise UsageError(
             f"--split {cfg.split}: the data has {num_train} training and {num_test} test videos"
@@ -117,6 +118,27 @@ def validate_data(cfg: TrainConfig) -> tuple[list[str], int, int]:
             f"--bn-batch {cfg.bn_batch}"
         )
     return classes, num_train, num_test
+
+
+def check_manifest(data: str, repair: str) -> None:
+    """The shards must hold every video the manifest records as done: a shard that was deleted
+    or lost would silently shrink the training set. One line naming what is missing."""
+    import pyarrow.compute as pc
+
+    from stm.data.shards import STATUS, STATUS_OK, VIDEO_ID, read_manifest, shards_dataset
+
+    try:
+        manifest = read_manifest(data)
+        ok = set(manifest.filter(pc.equal(manifest[STATUS], STATUS_OK))[VIDEO_ID].to_pylist())
+        held = set(shards_dataset(data).to_table(columns=[VIDEO_ID])[VIDEO_ID].to_pylist())
+    except (OSError, ValueError) as err:
+        raise UsageError(f"--data {data}: the manifest cannot be read: {_one_line(err)}") from None
+    missing = sorted(ok - held)
+    if missing:
+        raise UsageError(
+            f"--data {data}: {len(missing)} of the {len(ok)} videos its manifest records as done "
+            f"are in no shard (e.g. {missing[0]}): a shard is missing; {repair} to redo them"
+        )
 
 
 def check_gpus(cfg: TrainConfig) -> None:
