@@ -351,6 +351,12 @@ class PreprocessConfig:
     # JPEG quality of the stored RGB frames and flow images; unset: 95 for a new dataset, the
     # recorded quality when continuing one
     jpeg_quality: int | None = None
+    # the longest a frame's long side may be: a frame whose long side would exceed it after the
+    # short-side resize is resized so the long side is this instead (aspect kept; a warning
+    # says so), e.g. a 1024x16 strip stays 1024x16 at short side 256, not 16384x256. 1024 keeps
+    # every film and TV format (4:1 and narrower) at short side 256 and bounds a frame's memory
+    # and flow time to 3x a 4:3 frame's; raise it with a short side above 256
+    max_long_side: int = 1024
 
     def __post_init__(self) -> None:
         _check_literals(self)
@@ -372,7 +378,14 @@ class PreprocessConfig:
             gpus_per_worker=(0.0, 64.0),
             videos_per_shard=(1, 10_000),
             jpeg_quality=(1, 100),
+            max_long_side=(16, MAX_FRAME_SIDE),
         )
+        short = self.resolved_short_side()
+        if short is not None and short > self.max_long_side:
+            raise UsageError(
+                f"--short-side {short} exceeds --max-long-side {self.max_long_side}: "
+                "raise --max-long-side"
+            )
 
     def resolved_short_side(self) -> int | None:
         """The short side actually used (None: frames keep their size)."""

@@ -1,4 +1,5 @@
-"""Decode whole videos with PyAV, frame by frame, resized so the short side has a given length.
+"""Decode videos with PyAV, frame by frame, resized so the short side has a given length (the
+long side bounded: see ``resized_shape``).
 
 Frames are counted as they come out of the decoder, which is flushed at the end (codecs with
 B-frames hold frames back); the container's declared frame count is never used.
@@ -9,7 +10,7 @@ worker never relies on the driver's disk.
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
 import av
@@ -34,20 +35,38 @@ class DecodedVideo:
     fps: float
 
 
-def resized_shape(height: int, width: int, short_side: int | None) -> tuple[int, int]:
-    """(height, width) after scaling so that min(height, width) == short_side (None: unchanged)."""
-    if not short_side or min(height, width) == short_side:
-        return height, width
-    scale = short_side / min(height, width)
-    if height <= width:
-        return short_side, max(1, round(width * scale))
-    return max(1, round(height * scale)), short_side
+def resized_shape(
+    height: int, width: int, short_side: int | None, max_long_side: int | None = None
+) -> tuple[int, int]:
+    """(height, width) after scaling so that min(height, width) == short_side (None: unchanged),
+    unless the long side would then exceed ``max_long_side``: then scaled so that
+    max(height, width) == max_long_side instead (aspect preserved; None: no bound).
+
+    The bound keeps a frame's memory and flow time bounded whatever its aspect ratio: a 1024x16
+    strip at short side 256 would otherwise be 16384x256.
+    """
+    h, w = height, width
+    if short_side and min(h, w) != short_side:
+        scale = short_side / min(height, width)
+        if height <= width:
+            h, w = short_side, max(1, round(width * scale))
+        else:
+            h, w = max(1, round(height * scale)), short_side
+    if max_long_side and max(h, w) > max_long_side:
+        scale = max_long_side / max(height, width)
+        if height >= width:
+            h, w = max_long_side, max(1, round(width * scale))
+        else:
+            h, w = max(1, round(height * scale)), max_long_side
+    return h, w
 
 
-def resize_short_side(frame: np.ndarray, short_side: int | None) -> np.ndarray:
-    """Resize an image so its short side is ``short_side`` (area filter down, bilinear up)."""
+def resize_short_side(
+    frame: np.ndarray, short_side: int | None, max_long_side: int | None = None
+) -> np.ndarray:
+    """Resize an image to ``resized_shape`` (area filter down, bilinear up)."""
     h, w = frame.shape[:2]
-    nh, nw = resized_shape(h, w, short_side)
+    nh, nw = resized_shape(h, w, short_side, max_long_side)
     if (nh, nw) == (h, w):
         return frame
     interp = cv2.INTER_AREA if nh < h else cv2.INTER_LINEAR
@@ -94,6 +113,7 @@ class VideoReader:
         rate = self._stream.average_rate or self._stream.guessed_rate
         self.fps = float(rate) if rate else 0.0
         self.num_decoded = 0  # frames the decoder returned so far
+        self.source_shape: tuple[int, int] | None = None  # (height, width) before resizing
 
     def __enter__(self) -> VideoReader:
         return self
@@ -105,8 +125,9 @@ class VideoReader:
         """Release the container (and the file it holds)."""
         self._container.close()
 
-    def frames(self, short_side: int | None = None, max_frames: int | None = None) -> Iterator:
-        """Yield (H, W, 3) uint8 RGB frames, resized to ``short_side``, at most ``max_frames``.
+    def _decoded(self, max_frames: int | None) -> Iterator[av.VideoFrame]:
+        """The decoder's frames, not converted, at most ``max_frames``; counts them in
+        ``num_decoded`` and records the first one's (height, width) in ``source_shape``.
 
         A decoding error after the first frame still raises: a truncated or corrupt video fails
         as a whole rather than silently losing its tail.
@@ -116,13 +137,17 @@ class VideoReader:
             for packet in self._container.demux(self._stream):
                 flushed = packet.size == 0  # PyAV ends demuxing with a flush packet
                 for frame in packet.decode():
-                    yield resize_short_side(frame.to_ndarray(format="rgb24"), short_side)
+                    if self.source_shape is None:
+                        self.source_shape = (frame.height, frame.width)
+                    yield frame
                     self.num_decoded += 1
                     if max_frames and self.num_decoded >= max_frames:
                         return
             if not flushed:
                 for frame in self._stream.codec_context.decode(None):
-                    yield resize_short_side(frame.to_ndarray(format="rgb24"), short_side)
+                    if self.source_shape is None:
+                        self.source_shape = (frame.height, frame.width)
+                    yield frame
                     self.num_decoded += 1
                     if max_frames and self.num_decoded >= max_frames:
                         return
@@ -133,16 +158,57 @@ class VideoReader:
         if self.num_decoded == 0:
             raise DecodeError("no decodable frames")
 
+    def frames(
+        self,
+        short_side: int | None = None,
+        max_frames: int | None = None,
+        max_long_side: int | None = None,
+    ) -> Iterator[np.ndarray]:
+        """Yield (H, W, 3) uint8 RGB frames, resized to ``short_side`` with the long side at
+        most ``max_long_side`` (``resized_shape``), at most ``max_frames``; one at a time."""
+        for frame in self._decoded(max_frames):
+            yield resize_short_side(frame.to_ndarray(format="rgb24"), short_side, max_long_side)
+
+    def count_frames(self, max_frames: int | None = None) -> int:
+        """Decode the rest of the video without converting its frames; the frames decoded.
+
+        What ``frames`` would yield, counted (the container's declared count is never used).
+        """
+        for _ in self._decoded(max_frames):
+            pass
+        return self.num_decoded
+
+    def frames_at(
+        self,
+        indices: Iterable[int],
+        short_side: int | None = None,
+        max_long_side: int | None = None,
+    ) -> Iterator[tuple[int, np.ndarray]]:
+        """Yield (k, frame k) for the frame indices ``indices`` only, in increasing order, frame
+        k as ``frames`` yields it; the other frames are decoded but never converted, and
+        decoding stops after the last index wanted. An index past the video's end is skipped."""
+        wanted = set(int(k) for k in indices)
+        if not wanted:
+            return
+        last = max(wanted)
+        for k, frame in enumerate(self._decoded(last + 1)):
+            if k in wanted:
+                rgb = frame.to_ndarray(format="rgb24")
+                yield k, resize_short_side(rgb, short_side, max_long_side)
+
 
 def decode_video(
-    source: str, short_side: int | None = None, max_frames: int | None = None
+    source: str,
+    short_side: int | None = None,
+    max_frames: int | None = None,
+    max_long_side: int | None = None,
 ) -> DecodedVideo:
     """Decode a whole video into memory (tests, benchmarks, small clips).
 
     The pipeline streams frames with ``VideoReader`` instead, keeping only JPEG bytes.
     """
     with VideoReader(source) as video:
-        frames = list(video.frames(short_side, max_frames))
+        frames = list(video.frames(short_side, max_frames, max_long_side))
         return DecodedVideo(frames=np.stack(frames), fps=video.fps)
 
 

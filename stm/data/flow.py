@@ -10,12 +10,15 @@ displacements are clipped to +-20 px and mapped linearly to uint8 with
 ``q = round(255 * (d + 20) / 40)``, so zero motion is 128 (``FLOW_CENTER``).
 
 Workers should call ``cv2.setNumThreads(1)``: parallelism comes from running one video per core.
+
+``iter_flows(estimator, pairs)`` streams pairs through any estimator: one call a pair, or bounded
+batches for a batched one (tvl1-torch), so a long video never holds more than a batch of frames.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
 
 import cv2
 import numpy as np
@@ -99,6 +102,53 @@ def make_estimator(flow: str | type, **kwargs):
         valid = ", ".join(sorted(FLOW_ESTIMATORS))
         raise ValueError(f"unknown flow algorithm {flow!r} (valid: {valid})")
     return FLOW_ESTIMATORS[flow](**kwargs)
+
+
+# pairs per ``compute`` call of a batched estimator with neither ``iter_compute`` nor
+# ``batch_size``: tvl1-torch's default (stm.data.flow_torch.BATCH_PAIRS)
+DEFAULT_BATCH_PAIRS = 64
+
+
+def iter_flows(estimator, pairs: Iterable[tuple[np.ndarray, np.ndarray]]) -> Iterator[np.ndarray]:
+    """The flow of each (prev, next) grayscale pair of ``pairs``, in order, pulling the pairs
+    lazily: a pairwise estimator is called once per pair (one pair held at a time); a batched
+    one (``batched = True``) through its ``iter_compute`` when it has one, else through
+    ``compute`` in batches of its ``batch_size`` pairs (at most one batch of frames and flows
+    held). Either way memory is bounded by the batch, not by the number of pairs."""
+    if not getattr(estimator, "batched", False):
+        for prev, nxt in pairs:
+            yield estimator(prev, nxt)
+        return
+    if hasattr(estimator, "iter_compute"):
+        yield from estimator.iter_compute(pairs)
+        return
+    size = max(1, int(getattr(estimator, "batch_size", DEFAULT_BATCH_PAIRS)))
+    prevs: list[np.ndarray] = []
+    nexts: list[np.ndarray] = []
+    for prev, nxt in pairs:
+        prevs.append(prev)
+        nexts.append(nxt)
+        if len(prevs) == size:
+            yield from own_flows(estimator.compute(np.stack(prevs), np.stack(nexts)))
+            prevs, nexts = [], []
+    if prevs:
+        yield from own_flows(estimator.compute(np.stack(prevs), np.stack(nexts)))
+
+
+def own_flows(batch: np.ndarray) -> Iterator[np.ndarray]:
+    """The flows of a batch, each a copy: a view would keep the whole batch alive while the
+    caller still holds its last flow and the next batch is computed (two batches at once)."""
+    for k in range(len(batch)):
+        yield batch[k].copy()
+
+
+def consecutive_pairs(frames: Iterable[np.ndarray]) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """(frame k, frame k + 1) for k = 0, 1, ...: the pairs of flow k, keeping one frame back."""
+    prev = None
+    for frame in frames:
+        if prev is not None:
+            yield prev, frame
+        prev = frame
 
 
 def _check(flow: np.ndarray, prev: np.ndarray) -> np.ndarray:

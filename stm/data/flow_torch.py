@@ -19,17 +19,26 @@ the storage quantisation (see ``stm.data.flow.quantize_flow``):
 
 Batching: every frame pair of a batch is one sample of the same tensors. The stopping rule is
 applied per pair (a converged pair is frozen while the others go on), so a pair's flow does not
-depend on the batch it is computed in. Plain PyTorch and numpy: no OpenCV, Ray or PyAV needed.
+depend on the batch it is computed in. Batches are bounded (``BATCH_PAIRS``, ``MAX_BATCH_PIXELS``)
+and ``iter_compute`` streams a video's pairs through them, so no call holds the flow of a whole
+video. Plain PyTorch and numpy: no OpenCV, Ray or PyAV needed.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Iterable, Iterator, Sequence
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+
+# A batch is at most BATCH_PAIRS pairs and at most MAX_BATCH_PIXELS pixels (pairs x H x W): the
+# batch of 64 pairs the GPU throughput was tuned for (docs/performance.md) for every frame up to
+# 16:9 at short side 256 (456x256), fewer pairs of larger frames (28 at 1024x256), so that a
+# batch's memory, on the host and on the device, grows neither with the video nor the frame.
+BATCH_PAIRS = 64
+MAX_BATCH_PIXELS = BATCH_PAIRS * 456 * 256
 
 
 def default_device() -> str:
@@ -105,8 +114,11 @@ class TorchTVL1Flow:
 
     ``estimator(prev, next)`` for one uint8 (H, W) pair -> float32 (H, W, 2) (u, v), like the
     other estimators of ``stm.data.flow``; ``compute(prevs, nexts)`` for N pairs of one size at
-    once -> (N, H, W, 2), in chunks of ``batch_size`` pairs. The parameters and their defaults are
-    OpenCV's (``lambda_`` for lambda). ``device``: "cuda" when available, else "cpu".
+    once -> (N, H, W, 2), in batches of ``pairs_per_batch(H, W)`` pairs (``batch_size``, fewer
+    for frames over ``max_batch_pixels / batch_size`` pixels); ``iter_compute(pairs)`` streams
+    pairs through the same batches, holding one batch of frames and flows at a time (what the
+    preprocessing of a long video uses). The parameters and their defaults are OpenCV's
+    (``lambda_`` for lambda). ``device``: "cuda" when available, else "cpu".
 
     ``sync_every``: inner iterations between the host's checks that some pair of the batch has
     not converged yet (a GPU sync each); the steps freeze converged pairs themselves, so it only
@@ -138,7 +150,8 @@ class TorchTVL1Flow:
         gamma: float = 0.0,
         median_filtering: int = 5,
         device: str | torch.device | None = None,
-        batch_size: int = 64,
+        batch_size: int = BATCH_PAIRS,
+        max_batch_pixels: int = MAX_BATCH_PIXELS,
         sync_every: int = 10,
         compile: bool | None = None,
         compile_mode: str | None = None,
@@ -152,7 +165,8 @@ class TorchTVL1Flow:
         self.inner_iterations, self.outer_iterations = inner_iterations, outer_iterations
         self.scale_step, self.gamma, self.median_filtering = scale_step, gamma, median_filtering
         self.device = torch.device(device or default_device())
-        self.batch_size = batch_size
+        self.batch_size = max(1, int(batch_size))
+        self.max_batch_pixels = max(1, int(max_batch_pixels))
         self.sync_every = max(1, int(sync_every))
         self.compile = self.device.type == "cuda" if compile is None else bool(compile)
         self.compile_mode = compile_mode
@@ -174,12 +188,36 @@ class TorchTVL1Flow:
         if h < 3 or w < 3:
             raise ValueError(f"frames of {h}x{w}: TV-L1 needs at least 3x3")
         out = np.empty((n, h, w, 2), dtype=np.float32)
-        for s in range(0, n, self.batch_size):
-            out[s : s + self.batch_size] = self.compute_tensor(
-                torch.from_numpy(prevs[s : s + self.batch_size]),
-                torch.from_numpy(nexts[s : s + self.batch_size]),
+        size = self.pairs_per_batch(h, w)
+        for s in range(0, n, size):
+            out[s : s + size] = self.compute_tensor(
+                torch.from_numpy(prevs[s : s + size]), torch.from_numpy(nexts[s : s + size])
             ).cpu().numpy()  # fmt: skip
         return out
+
+    def pairs_per_batch(self, height: int, width: int) -> int:
+        """Pairs of (height, width) frames per batch: ``batch_size``, fewer when that many would
+        exceed ``max_batch_pixels``; at least 1."""
+        return max(1, min(self.batch_size, self.max_batch_pixels // max(1, height * width)))
+
+    def iter_compute(self, pairs: Iterable[tuple[np.ndarray, np.ndarray]]) -> Iterator[np.ndarray]:
+        """Flow (H, W, 2) of each (prev, next) uint8 pair of ``pairs``, in order, computed in
+        batches of ``pairs_per_batch`` pairs: the pairs are pulled one batch at a time, so at
+        most one batch of frames and of flows is held, whatever the number of pairs. The
+        batches are those ``compute`` makes of the same pairs (the same flow)."""
+        prevs: list[np.ndarray] = []
+        nexts: list[np.ndarray] = []
+        size = 0
+        for prev, nxt in pairs:
+            if not prevs:
+                size = self.pairs_per_batch(*prev.shape[:2])
+            prevs.append(prev)
+            nexts.append(nxt)
+            if len(prevs) == size:
+                yield from _own_flows(self.compute(np.stack(prevs), np.stack(nexts)))
+                prevs, nexts = [], []
+        if prevs:
+            yield from _own_flows(self.compute(np.stack(prevs), np.stack(nexts)))
 
     @torch.no_grad()
     def compute_tensor(self, i0: torch.Tensor, i1: torch.Tensor) -> torch.Tensor:
@@ -310,6 +348,13 @@ class TorchTVL1Flow:
             "level_warps": {},
             "level_inner_iterations": {},
         }
+
+
+def _own_flows(batch: np.ndarray) -> Iterator[np.ndarray]:
+    """The flows of a batch, each a copy: a view would keep the whole batch alive while the
+    caller still holds its last flow and the next batch is computed (two batches at once)."""
+    for k in range(len(batch)):
+        yield batch[k].copy()
 
 
 def _step_constants(g, grad, rho_c, l_t: float):

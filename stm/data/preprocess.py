@@ -27,7 +27,7 @@ import shutil
 import tempfile
 import time
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -40,14 +40,20 @@ import pyarrow.parquet as pq
 from stm import storage
 from stm.config import JPEG_QUALITY, JPEG_QUALITY_BEFORE, PreprocessConfig, UsageError
 from stm.data import shards as S
-from stm.data.decode import DecodeError, VideoReader
-from stm.data.flow import make_estimator, quantize_flow
+from stm.data.decode import DecodeError, VideoReader, resized_shape
+from stm.data.flow import consecutive_pairs, iter_flows, make_estimator, quantize_flow
 from stm.data.sources import Listing, VideoItem, list_videos
 from stm.data.synthetic import generate_synthetic
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["PreprocessSummary", "flow_actor_pool", "process_video", "run_preprocess"]
+__all__ = [
+    "PreprocessSummary",
+    "flow_actor_pool",
+    "process_video",
+    "process_video_sparse",
+    "run_preprocess",
+]
 
 MAX_BLOCKS = 1000  # cap on Ray Data blocks (each block holds one or more groups)
 MAX_TASK_RETRIES = 3  # a killed actor is restarted and its group retried, 3 times at most
@@ -105,58 +111,154 @@ class PreprocessSummary:
 
 
 # --- per video (plain Python: runs inside the flow actors, and in tests and benchmarks) ------
+MAX_LONG_SIDE = PreprocessConfig.max_long_side  # the default bound on a frame's long side
+
+
 def process_video(
     item: dict,
     estimator,
     short_side: int | None,
     max_frames: int | None = None,
     jpeg_quality: int = JPEG_QUALITY,
+    max_long_side: int | None = MAX_LONG_SIDE,
 ) -> dict:
     """Decode one video, compute flow between consecutive frames, return its shard row.
 
-    ``item`` is a ``VideoItem`` as a dict. Frames stream through: only JPEG bytes are kept.
+    ``item`` is a ``VideoItem`` as a dict. Frames stream through one at a time: each is resized
+    (short side ``short_side``, long side at most ``max_long_side``), JPEG-encoded and turned
+    into grayscale, and flow k (frame k -> k + 1) is computed as soon as frame k + 1 is there,
+    quantised and JPEG-encoded; only the JPEG bytes are kept. So the memory of a video is its
+    encoded row plus O(1) frames: one previous frame for a pairwise estimator, one batch of
+    pairs and their flows for a batched one (tvl1-torch, ``stm.data.flow.iter_flows``).
     Raises ``DecodeError`` (or anything OpenCV raises) for a video that cannot be processed.
     """
     if item["missing"]:
         raise DecodeError(item["missing"])
     rgb, flow_u, flow_v = [], [], []
-    prev = None
-    batched = getattr(estimator, "batched", False)  # e.g. tvl1-torch: all pairs in one call
-    grays = []
+    shape = (0, 0)
     with VideoReader(item["path"]) as video:
-        for frame in video.frames(short_side, max_frames):  # (H, W, 3) RGB
-            rgb.append(S.encode_jpeg(frame, jpeg_quality))
-            gray = cv2.cvtColor(frame, cv2.COLOR_RGB2GRAY)
-            if batched:
-                grays.append(gray)
-            elif prev is not None:
-                u, v = quantize_flow(estimator(prev, gray))  # flow k: frame k -> k + 1
-                flow_u.append(S.encode_jpeg(u, jpeg_quality))
-                flow_v.append(S.encode_jpeg(v, jpeg_quality))
-            prev = gray
-        fps = video.fps
-    if len(rgb) < 2:
-        raise DecodeError(f"only {len(rgb)} frame: flow needs at least 2")
-    if batched:
-        stack = np.stack(grays)
-        for flow in estimator.compute(stack[:-1], stack[1:]):  # flow k: frame k -> k + 1
+
+        def grays():
+            nonlocal shape
+            for frame in video.frames(short_side, max_frames, max_long_side):  # (H, W, 3) RGB
+                if not rgb:
+                    _warn_if_bounded(item, video, frame, short_side, max_long_side)
+                rgb.append(S.encode_jpeg(frame, jpeg_quality))
+                shape = frame.shape[:2]
+                yield cv2.cvtColor(frame, cv2.COLOR_RGB2GRAY)
+
+        for flow in iter_flows(estimator, consecutive_pairs(grays())):  # flow k: k -> k + 1
             u, v = quantize_flow(flow)
             flow_u.append(S.encode_jpeg(u, jpeg_quality))
             flow_v.append(S.encode_jpeg(v, jpeg_quality))
+        fps = video.fps
+    if len(rgb) < 2:
+        raise DecodeError(f"only {len(rgb)} frame: flow needs at least 2")
+    return _row(item, len(rgb), fps, shape, rgb, flow_u, flow_v)
+
+
+def process_video_sparse(
+    item: dict,
+    estimator,
+    short_side: int | None,
+    select: Callable[[int], tuple[Iterable[int], Iterable[int]]],
+    max_frames: int | None = None,
+    jpeg_quality: int = JPEG_QUALITY,
+    max_long_side: int | None = MAX_LONG_SIDE,
+) -> dict:
+    """``process_video``'s row with only the frames ``select`` asks for, the flow of no other.
+
+    ``select(num_frames)`` -> (RGB frame indices, flow indices) of a video of ``num_frames``
+    frames (flow k: frame k -> k + 1, 0 <= k < num_frames - 1). The video is decoded twice:
+    once to count its frames (decoded, never converted: the container's count is never used),
+    then up to the last frame needed, converting only frames k and k + 1 of each flow k and
+    the RGB frames asked for. The row's ``rgb``, ``flow_u`` and ``flow_v`` are dicts
+    index -> JPEG bytes holding exactly the indices asked for, each the bytes ``process_video``
+    gives it (the same decode, resize, flow, quantisation and JPEG; for a batched estimator the
+    flow of a pair does not depend on its batch up to float rounding); ``num_frames``, ``fps``,
+    ``height`` and ``width`` are the whole video's. So its flow costs the pairs asked for, not
+    the video's length (the test protocol: 25 stacks of 10 flows, ``stm.train.predict``).
+    """
+    if item["missing"]:
+        raise DecodeError(item["missing"])
+    with VideoReader(item["path"]) as video:
+        n = video.count_frames(max_frames)
+        fps = video.fps
+    if n < 2:
+        raise DecodeError(f"only {n} frame: flow needs at least 2")
+    rgb_wanted, flow_wanted = (sorted({int(k) for k in ks}) for ks in select(n))
+    bad = [k for k in rgb_wanted if not 0 <= k < n] + [k for k in flow_wanted if not 0 <= k < n - 1]
+    if bad:
+        raise ValueError(f"frame or flow indices {bad[:5]} outside a video of {n} frames")
+    rgb_set, flow_set = set(rgb_wanted), set(flow_wanted)
+    gray_set = flow_set | {k + 1 for k in flow_wanted}  # the frames of the flows' pairs
+    rgb: dict[int, bytes] = {}
+    flow_u: dict[int, bytes] = {}
+    flow_v: dict[int, bytes] = {}
+    order: list[int] = []  # the flow index of each pair sent, in order
+    shape = (0, 0)
+    with VideoReader(item["path"]) as video:
+
+        def pairs():
+            nonlocal shape
+            prev_k, prev = -1, None
+            for k, frame in video.frames_at(rgb_set | gray_set, short_side, max_long_side):
+                if not shape[0]:
+                    _warn_if_bounded(item, video, frame, short_side, max_long_side)
+                shape = frame.shape[:2]
+                if k in rgb_set:
+                    rgb[k] = S.encode_jpeg(frame, jpeg_quality)
+                if k in gray_set:
+                    gray = cv2.cvtColor(frame, cv2.COLOR_RGB2GRAY)
+                    if k - 1 in flow_set and prev_k == k - 1:
+                        order.append(k - 1)
+                        yield prev, gray
+                    prev_k, prev = k, gray
+
+        for i, flow in enumerate(iter_flows(estimator, pairs())):
+            u, v = quantize_flow(flow)
+            flow_u[order[i]] = S.encode_jpeg(u, jpeg_quality)
+            flow_v[order[i]] = S.encode_jpeg(v, jpeg_quality)
+    if len(rgb) != len(rgb_wanted) or len(flow_u) != len(flow_wanted):
+        raise DecodeError(f"the second decoding of the video ended before its {n} frames")
+    return _row(item, n, fps, shape, rgb, flow_u, flow_v)
+
+
+def _row(item: dict, n: int, fps: float, shape, rgb, flow_u, flow_v) -> dict:
     return {
         S.VIDEO_ID: item["video_id"],
         S.LABEL: item["label"],
         S.CLASS_NAME: item["class_name"],
-        S.NUM_FRAMES: len(rgb),
+        S.NUM_FRAMES: n,
         S.FPS: fps,
-        S.HEIGHT: prev.shape[0],
-        S.WIDTH: prev.shape[1],
+        S.HEIGHT: shape[0],
+        S.WIDTH: shape[1],
         S.RGB: rgb,
         S.FLOW_U: flow_u,
         S.FLOW_V: flow_v,
         S.TRAIN_SPLITS: list(item["train_splits"]),
         S.TEST_SPLITS: list(item["test_splits"]),
     }
+
+
+def _warn_if_bounded(
+    item: dict, video: VideoReader, frame: np.ndarray, short_side: int | None, bound: int | None
+) -> None:
+    """One warning for a video whose frames the long-side bound made smaller than
+    ``short_side`` alone would have."""
+    h, w = video.source_shape or frame.shape[:2]
+    if frame.shape[:2] != resized_shape(h, w, short_side):
+        logger.warning(
+            "%s: frames of %dx%d resized to %dx%d, not %dx%d: the long side is bounded to %d "
+            "(--max-long-side)",
+            item["video_id"],
+            w,
+            h,
+            frame.shape[1],
+            frame.shape[0],
+            *resized_shape(h, w, short_side)[::-1],
+            bound,
+        )
 
 
 def _one_line(e: BaseException) -> str:
@@ -174,11 +276,13 @@ class GroupWorker:
         short_side: int | None,
         max_frames: int | None,
         jpeg_quality: int,
+        max_long_side: int = MAX_LONG_SIDE,
     ) -> None:
         cv2.setNumThreads(1)
         self.estimator = make_estimator(flow)
         self.fs, self.root = storage.resolve(out)
         self.short_side, self.max_frames, self.jpeg_quality = short_side, max_frames, jpeg_quality
+        self.max_long_side = max_long_side
 
     def __call__(self, group: dict) -> list[dict]:
         return process_group(
@@ -190,6 +294,7 @@ class GroupWorker:
             self.short_side,
             self.max_frames,
             self.jpeg_quality,
+            self.max_long_side,
         )
 
 
@@ -202,6 +307,7 @@ def process_group(
     short_side: int | None,
     max_frames: int | None,
     jpeg_quality: int,
+    max_long_side: int = MAX_LONG_SIDE,
 ) -> list[dict]:
     """Process a group of videos; write its shard file, then its manifest part; return results.
 
@@ -212,7 +318,9 @@ def process_group(
     for item in videos:
         start, cpu = time.perf_counter(), time.process_time()
         try:
-            rows.append(process_video(item, estimator, short_side, max_frames, jpeg_quality))
+            rows.append(
+                process_video(item, estimator, short_side, max_frames, jpeg_quality, max_long_side)
+            )
             status, error, frames = S.STATUS_OK, "", rows[-1][S.NUM_FRAMES]
         except Exception as e:  # noqa: BLE001 - any per-video error is recorded, not raised
             status, error, frames = S.STATUS_FAILED, _one_line(e), 0
@@ -363,9 +471,13 @@ def _check_and_write_metadata(
         "max_frames": cfg.max_frames,
         "jpeg_quality": cfg.jpeg_quality,
         "num_splits": listing.num_splits,
+        "max_long_side": cfg.max_long_side,
     }
     old = storage.read_json(fs, posixpath.join(root, S.DATASET_FILE))
     if old is not None:
+        # datasets written before the long side was bounded: its default (only frames wider
+        # than 4:1 at short side 256 would differ)
+        old = {"max_long_side": MAX_LONG_SIDE, **old}
         diff = [k for k, v in settings.items() if old.get(k) != v]
         if diff:
             was = ", ".join(f"{k}={old.get(k)}" for k in diff)
@@ -478,6 +590,7 @@ def _run_pipeline(
                 "short_side": cfg.resolved_short_side(),
                 "max_frames": cfg.max_frames,
                 "jpeg_quality": cfg.jpeg_quality,
+                "max_long_side": cfg.max_long_side,
             },
             compute=pool,
             num_cpus=1,

@@ -108,6 +108,7 @@ def preprocessing(state: dict[str, Any], folder: Path | None = None) -> dict[str
         "flow": info["flow"],
         "short_side": info["short_side"],
         "jpeg_quality": int(info.get("jpeg_quality") or JPEG_QUALITY_BEFORE),
+        "max_long_side": info.get("max_long_side"),  # None: before it was recorded (the default)
     }
 
 

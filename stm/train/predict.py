@@ -139,8 +139,15 @@ def predict_video(
     top_k: int = 5,
     test_frames: int | None = None,
     device: torch.device | None = None,
+    max_long_side: int | None = None,
 ) -> Prediction:
     """Classify one video file with the paper's test protocol.
+
+    Only what the test views use is computed: the video is decoded (twice: to count its frames,
+    then up to the last frame needed), and the RGB frames of the test centres and the flow of
+    their stacks (T centres x L flows, 25 x 10 in the paper) go through the training data's
+    preprocessing (``process_video_sparse``: the same bytes ``process_video`` stores for them),
+    so the flow costs T x L pairs at most, whatever the video's length.
 
     Args:
         loaded: the model (``load_model_dir``).
@@ -151,19 +158,23 @@ def predict_video(
         top_k: how many classes to return.
         test_frames: chunks per video (default: the model's training config, 25 in the paper).
         device: default CUDA when available.
+        max_long_side: the bound on a frame's long side (default: the training data's, else
+            ``PreprocessConfig``'s default).
 
     Raises ``stm.data.decode.DecodeError`` for a video that cannot be decoded.
     """
     from dataclasses import replace
 
-    from stm.data.clips import test_clip, test_clip_spec
+    from stm.data.clips import flow_stack_indices, test_chunk_times, test_clip, test_clip_spec
     from stm.data.flow import make_estimator
-    from stm.data.preprocess import process_video
+    from stm.data.preprocess import MAX_LONG_SIDE, process_video_sparse
     from stm.train.steps import video_scores
 
     started = time.perf_counter()
     cfg = loaded.cfg
     pre = resolved_preprocessing(loaded, flow, short_side)
+    if max_long_side is None:
+        max_long_side = pre.get("max_long_side") or MAX_LONG_SIDE
     item = {
         "video_id": Path(video).stem,
         "path": video,
@@ -173,11 +184,23 @@ def predict_video(
         "train_splits": [],
         "test_splits": [],
     }
-    row = process_video(
-        item, make_estimator(pre["flow"]), pre["short_side"] or None, None, pre["jpeg_quality"]
-    )
     spec = test_clip_spec(cfg)
-    clip = test_clip(row, replace(spec, num_frames=test_frames or spec.num_frames))
+    spec = replace(spec, num_frames=test_frames or spec.num_frames)
+
+    def needed(n: int) -> tuple[np.ndarray, np.ndarray]:  # what test_clip reads of n frames
+        times = test_chunk_times(n, spec)
+        return times, flow_stack_indices(times, n - 1, spec.flow_length).ravel()
+
+    row = process_video_sparse(
+        item,
+        make_estimator(pre["flow"]),
+        pre["short_side"] or None,
+        needed,
+        None,
+        pre["jpeg_quality"],
+        max_long_side,
+    )
+    clip = test_clip(row, spec)
     device = device or default_device()
     model, bf16 = _on_device(loaded, device)
     rgb, flw = _stream_inputs(
