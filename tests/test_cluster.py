@@ -1,9 +1,16 @@
 """Running on a real cluster: the cluster definitions, and a real two-node Ray cluster.
 
-- ``ray-cluster.yaml`` passes the cluster launcher's own validation (shipped in the ray package).
+- ``ray-cluster.yaml`` passes the cluster launcher's own validation (shipped in the ray package),
+  and the launcher's own AWS bootstrap steps, run offline, neither create a security group (whose
+  SSH rule would be open to 0.0.0.0/0) nor give the head the default full-access role.
+- The IAM policies in ``cluster/aws/`` are least-privilege: the workers' S3 on the bucket only,
+  the head's no wildcard action, EC2 scoped to the cluster, PassRole for the worker role only.
 - The KubeRay manifests parse, name the image built from ``cluster/Dockerfile`` (the same one as
-  ``ray-cluster.yaml``), keep token auth on and expose nothing; their entrypoint and the commands
-  in ``cluster/README.md`` are the project's jobs and parse with the jobs' own parsers.
+  ``ray-cluster.yaml``, by digest), keep token auth on and expose nothing, give head, workers and
+  MLflow ServiceAccounts of their own (no API token for workers and MLflow); their entrypoint and
+  the commands in ``cluster/README.md`` are the project's jobs and parse with the jobs' own parsers.
+- The image installs exact versions: ``cluster/requirements.lock`` (``name==version`` only) with
+  ``pip install -c``.
 - Two Ray nodes on this machine (``ray start --head`` + ``ray start --address``, each with its own
   temp dir, ports, 3 CPUs and a custom resource, ``head_node`` / ``node_b``) run ``ray job submit
   --working-dir . -- python jobs/preprocess.py ...`` (flow actors on both nodes) and a smoke
@@ -49,8 +56,13 @@ LAUNCHER_YAML = REPO / "ray-cluster.yaml"
 DOCKERFILE = REPO / "cluster" / "Dockerfile"
 KUBERAY = REPO / "cluster" / "kuberay"
 CLUSTER_README = REPO / "cluster" / "README.md"
+AWS_POLICIES = REPO / "cluster" / "aws"
+LOCK = REPO / "cluster" / "requirements.lock"
 IMAGE_PROJECT_DIR = "/home/ray/stm"  # where cluster/Dockerfile puts the repository
-BASE_IMAGE = "rayproject/ray:2.60.0-py311-gpu"
+BASE_IMAGE = "rayproject/ray:2.60.0-py311-gpu"  # the tag; the Dockerfile adds @sha256:<digest>
+BUCKET = "example-lab-stm"
+# name:tag@sha256:<64 hex>: the digest is what is pulled, the tag is for people.
+PINNED_IMAGE = re.compile(r"^[a-z0-9][a-z0-9./_-]*:[\w][\w.-]*@sha256:[0-9a-f]{64}$")
 
 
 def _yaml_docs(path: Path) -> list[dict]:
@@ -81,6 +93,72 @@ def _launcher_image() -> str:
     return yaml.safe_load(LAUNCHER_YAML.read_text())["docker"]["image"]
 
 
+def _policy(name: str) -> dict:
+    return json.loads((AWS_POLICIES / f"{name}-policy.json").read_text())
+
+
+def _as_list(value) -> list:
+    return value if isinstance(value, list) else [value]
+
+
+def _statements(policy: dict, effect: str = "Allow") -> list[dict]:
+    assert policy["Version"] == "2012-10-17"
+    return [st for st in policy["Statement"] if st["Effect"] == effect]
+
+
+def _profile_name(node_type: dict) -> str:
+    return node_type["node_config"]["IamInstanceProfile"]["Arn"].rsplit("/", 1)[1]
+
+
+@pytest.fixture
+def aws_bootstrap(monkeypatch):
+    """The launcher's AWS bootstrap module (``ray.autoscaler._private.aws.config``) with every
+    AWS call made to fail, so that a step that would create or change anything in the account
+    fails the test. boto3 is stubbed where it is not installed (the module only imports it)."""
+    import types
+
+    stubbed = importlib.util.find_spec("boto3") is None
+    if stubbed:
+        stubs = {
+            "boto3": {"__version__": "1.34.0"},
+            "boto3.exceptions": {"ResourceNotExistsError": type("NotExists", (Exception,), {})},
+            "boto3.resources": {},
+            "boto3.resources.base": {"ServiceResource": type("ServiceResource", (), {})},
+            "botocore": {},
+            "botocore.client": {"BaseClient": type("BaseClient", (), {})},
+            "botocore.config": {"Config": type("Config", (), {})},
+        }
+        for name, attrs in stubs.items():
+            module = types.ModuleType(name)
+            module.__dict__.update(attrs)
+            monkeypatch.setitem(sys.modules, name, module)
+    before = set(sys.modules)
+    from ray.autoscaler._private.aws import config as aws_config
+
+    def no_aws(*args, **kwargs):
+        raise AssertionError(f"the launcher's bootstrap called AWS: {args}")
+
+    monkeypatch.setattr(aws_config, "_resource", no_aws)
+    monkeypatch.setattr(aws_config, "_client", no_aws)
+    yield aws_config
+    if stubbed:  # a later import must get the real boto3, not these stubs
+        import ray.autoscaler._private as autoscaler_private
+
+        for name in set(sys.modules) - before:
+            if name.startswith("ray.autoscaler._private.aws"):
+                del sys.modules[name]
+        if "ray.autoscaler._private.aws" not in before and hasattr(autoscaler_private, "aws"):
+            delattr(autoscaler_private, "aws")
+
+
+def _prepared_launcher_config() -> dict:
+    from ray.autoscaler._private.util import prepare_config, validate_config
+
+    prepared = prepare_config(yaml.safe_load(LAUNCHER_YAML.read_text()))
+    validate_config(prepared)
+    return prepared
+
+
 # --- the cluster launcher ----------------------------------------------------------------------
 def test_ray_cluster_yaml_passes_the_launchers_validation():
     from ray.autoscaler._private.util import prepare_config, validate_config
@@ -107,11 +185,11 @@ def test_ray_cluster_yaml_node_types_image_and_security():
 
     assert cfg["docker"]["image"] == _launcher_image()
     assert "FROM ${RAY_IMAGE}" in DOCKERFILE.read_text()
-    assert f"ARG RAY_IMAGE={BASE_IMAGE}" in DOCKERFILE.read_text()
+    assert f"ARG RAY_IMAGE={BASE_IMAGE}@sha256:" in DOCKERFILE.read_text()
 
-    # Nothing but the launcher's own intra-cluster + SSH rules; the dashboard/job API is
-    # reached through `ray dashboard` only.
-    assert cfg["provider"]["security_group"]["IpPermissions"] == []
+    # The dashboard/job API is reached through `ray dashboard` (an SSH tunnel) only; the launcher
+    # opens no port of its own (see the SSH test below).
+    assert "security_group" not in cfg["provider"]
     assert "ray dashboard ray-cluster.yaml" in LAUNCHER_YAML.read_text()
     # Token auth on every node, with the token file copied from the machine that runs `ray up`.
     for cmd in ("head_start_ray_commands", "worker_start_ray_commands"):
@@ -129,6 +207,152 @@ def test_ray_cluster_yaml_node_types_image_and_security():
     assert any("pip install" in c and "/home/ray/stm" in c for c in cfg["setup_commands"])
 
 
+def test_ray_cluster_yaml_head_and_workers_have_roles_of_their_own(aws_bootstrap):
+    cfg = _prepared_launcher_config()
+    types = cfg["available_node_types"]
+    head_type = cfg["head_node_type"]
+    profiles = {name: _profile_name(t) for name, t in types.items()}
+    workers = {name: p for name, p in profiles.items() if name != head_type}
+    assert profiles[head_type] == "stm-ray-head", profiles
+    assert set(workers.values()) == {"stm-ray-worker"}, profiles
+    for profile in ("stm-ray-head", "stm-ray-worker"):
+        assert (AWS_POLICIES / f"{profile}-policy.json").is_file(), profile
+    # The launcher's own IAM step keeps the head's profile: it never falls back to its default
+    # ray-autoscaler-v1 (EC2 and S3 full access) and makes no IAM call.
+    out = aws_bootstrap._configure_iam_role(copy.deepcopy(cfg))
+    head_config = out["available_node_types"][head_type]["node_config"]
+    assert (
+        head_config["IamInstanceProfile"] == types[head_type]["node_config"]["IamInstanceProfile"]
+    )
+    # The guide creates both profiles from the shipped policies.
+    readme = CLUSTER_README.read_text()
+    for command in ("aws iam create-policy", "aws iam create-role", "create-instance-profile"):
+        assert command in readme, command
+    assert "ec2-trust-policy.json" in readme and (AWS_POLICIES / "ec2-trust-policy.json").is_file()
+
+
+def test_ray_cluster_yaml_opens_ssh_to_the_labs_cidr_only(aws_bootstrap):
+    cfg = _prepared_launcher_config()
+    groups = {
+        name: t["node_config"].get("SecurityGroupIds")
+        for name, t in cfg["available_node_types"].items()
+    }
+    # Every node type names the one pre-made group: the launcher then creates and fills no group
+    # (one it fills always gets SSH from 0.0.0.0/0, whatever IpPermissions says).
+    assert all(groups.values()) and len({tuple(g) for g in groups.values()}) == 1, groups
+    (sg_id,) = next(iter(groups.values()))
+    assert re.fullmatch(r"sg-[0-9a-f]{8,17}", sg_id), sg_id
+    out = aws_bootstrap._configure_security_group(copy.deepcopy(cfg))  # no AWS call
+    assert {
+        n: t["node_config"]["SecurityGroupIds"] for n, t in out["available_node_types"].items()
+    } == groups
+    assert "0.0.0.0/0" in str(aws_bootstrap._create_default_ssh_inbound_rules())  # what it avoids
+    assert "0.0.0.0/0" not in json.dumps(cfg["provider"]) and "IpPermissions" not in str(cfg)
+    # The head may launch into that group only.
+    run_resources = [
+        r
+        for st in _statements(_policy("stm-ray-head"))
+        if "ec2:RunInstances" in _as_list(st["Action"])
+        for r in _as_list(st["Resource"])
+    ]
+    assert [r for r in run_resources if ":security-group/" in r] == [
+        f"arn:aws:ec2:us-east-1:123456789012:security-group/{sg_id}"
+    ]
+    # The guide's security group: SSH (22) from a CIDR that is not the world, all traffic from the
+    # group itself, and no other rule.
+    readme = CLUSTER_README.read_text()
+    rules = re.findall(r"aws ec2 authorize-security-group-ingress (.*)", readme)
+    assert len(rules) == 2, rules
+    ssh = [r for r in rules if "--port 22" in r]
+    assert len(ssh) == 1 and "--protocol tcp" in ssh[0], rules
+    cidr = re.search(r"--cidr (\S+)", ssh[0]).group(1)
+    assert cidr != "0.0.0.0/0" and not cidr.startswith("::/"), cidr
+    other = [r for r in rules if r not in ssh]
+    assert "--source-group $SG" in other[0] and "--cidr" not in other[0], rules
+    assert "0.0.0.0/0" not in readme.split("## 3a.", 1)[1].split("## 3b.", 1)[0]
+
+
+def test_aws_policies_are_least_privilege():
+    bucket, objects = f"arn:aws:s3:::{BUCKET}", f"arn:aws:s3:::{BUCKET}/*"
+    policies = {name: _policy(name) for name in ("stm-ray-head", "stm-ray-worker", "stm-mlflow")}
+    assert sorted(p.name for p in AWS_POLICIES.glob("*.json")) == sorted(
+        [f"{n}-policy.json" for n in policies] + ["ec2-trust-policy.json", "stm-bucket-policy.json"]
+    )
+    for name, policy in policies.items():
+        for st in policy["Statement"]:
+            actions = _as_list(st["Action"])
+            assert "NotAction" not in st and "NotResource" not in st, (name, st)
+            assert all("*" not in a for a in actions), (name, actions)  # no wildcard action
+            if st["Effect"] == "Allow" and any(a.startswith("s3:") for a in actions):
+                assert all(
+                    r in (bucket, objects) or r.startswith(bucket + "/")
+                    for r in _as_list(st["Resource"])
+                ), (name, st)
+
+    # Workers: S3 on the bucket and nothing else.
+    worker = _statements(policies["stm-ray-worker"])
+    assert {a.split(":")[0] for st in worker for a in _as_list(st["Action"])} == {"s3"}
+    assert {r for st in worker for r in _as_list(st["Resource"])} == {bucket, objects}
+
+    # Head: the workers' S3, plus EC2 scoped to this cluster and PassRole for the worker role.
+    head = _statements(policies["stm-ray-head"])
+    head_s3 = [st for st in head if all(a.startswith("s3:") for a in _as_list(st["Action"]))]
+    assert head_s3 == worker
+    assert _statements(policies["stm-ray-head"], "Deny") == _statements(
+        policies["stm-ray-worker"], "Deny"
+    )
+    services = {a.split(":")[0] for st in head for a in _as_list(st["Action"])}
+    assert services == {"s3", "ec2", "iam", "ssm"}, services
+    for st in head:
+        actions, resources = _as_list(st["Action"]), _as_list(st["Resource"])
+        if "*" in resources:
+            assert all(a.startswith("ec2:Describe") for a in actions), st
+        if any(a.startswith("iam:") for a in actions):
+            assert actions == ["iam:PassRole"], st
+            assert resources == ["arn:aws:iam::123456789012:role/stm-ray-worker"], st
+            assert st["Condition"] == {"StringEquals": {"iam:PassedToService": "ec2.amazonaws.com"}}
+        if any(r.endswith(":instance/*") for r in resources):
+            assert "Condition" in st, st  # launch, tag and terminate only this cluster's
+        if "ec2:TerminateInstances" in actions:
+            assert st["Condition"] == {
+                "StringEquals": {"aws:ResourceTag/ray-cluster-name": "stm"}
+            }, st
+        if "ec2:RunInstances" in actions and any(":instance/" in r for r in resources):
+            assert st["Condition"] == {
+                "StringEquals": {"aws:RequestTag/ray-cluster-name": "stm"}
+            }, st
+    assert yaml.safe_load(LAUNCHER_YAML.read_text())["cluster_name"] == "stm"
+
+    # MLflow: its artifact prefix only, which the Ray roles may not write.
+    mlflow = _statements(policies["stm-mlflow"])
+    assert {a.split(":")[0] for st in mlflow for a in _as_list(st["Action"])} == {"s3"}
+    writes = [st for st in mlflow if "s3:PutObject" in _as_list(st["Action"])]
+    assert [st["Resource"] for st in writes] == [f"{bucket}/mlflow/*"]
+    (deny,) = _statements(policies["stm-ray-worker"], "Deny")
+    assert deny["Resource"] == f"{bucket}/mlflow/*" and "s3:PutObject" in deny["Action"]
+    # The bucket policy only takes away: writes under runs/ for all but the Ray roles, under
+    # mlflow/ for all but the MLflow role.
+    guarded = {}
+    for st in _policy("stm-bucket")["Statement"]:
+        assert st["Effect"] == "Deny" and st["Principal"] == "*", st
+        assert set(st["Action"]) == {"s3:PutObject", "s3:DeleteObject"}, st
+        allowed = _as_list(st["Condition"]["ArnNotEquals"]["aws:PrincipalArn"])
+        guarded[st["Resource"]] = {arn.rsplit("/", 1)[1] for arn in allowed}
+    assert guarded == {
+        f"{bucket}/runs/*": {"stm-ray-head", "stm-ray-worker", "stm-ray"},
+        f"{bucket}/mlflow/*": {"stm-mlflow"},
+    }, guarded
+    assert "put-bucket-policy" in CLUSTER_README.read_text()
+    trust = json.loads((AWS_POLICIES / "ec2-trust-policy.json").read_text())
+    assert trust["Statement"] == [
+        {
+            "Effect": "Allow",
+            "Principal": {"Service": "ec2.amazonaws.com"},
+            "Action": "sts:AssumeRole",
+        }
+    ]
+
+
 # --- KubeRay -----------------------------------------------------------------------------------
 def test_kuberay_manifests_parse_and_name_the_same_image():
     import ray
@@ -139,18 +363,119 @@ def test_kuberay_manifests_parse_and_name_the_same_image():
             assert {"apiVersion", "kind", "metadata"} <= set(doc), path.name
     for name, spec in _cluster_specs().items():
         assert spec["rayVersion"] == ray.__version__, name
-        for group, pod in _pod_templates(spec):
+        for _group, pod in _pod_templates(spec):
             for container in pod["containers"]:
                 images.add(container["image"])
                 assert container["envFrom"][0] == {"configMapRef": {"name": "stm-env"}}
-            assert pod["serviceAccountName"] == "stm-ray", (name, group)
     mlflow = _kind(KUBERAY / "mlflow.yaml", "Deployment")["spec"]["template"]["spec"]
     images.update(c["image"] for c in mlflow["containers"])
     assert images == {_launcher_image()}, f"one image everywhere, got {images}"
-    common = {d["kind"]: d for d in _yaml_docs(KUBERAY / "common.yaml")}
-    assert common["ConfigMap"]["metadata"]["name"] == "stm-env"
-    assert common["ServiceAccount"]["metadata"]["name"] == "stm-ray"
-    assert common["ConfigMap"]["data"]["MLFLOW_TRACKING_URI"].startswith("http")
+    common = _kind(KUBERAY / "common.yaml", "ConfigMap")
+    assert common["metadata"]["name"] == "stm-env"
+    assert common["data"]["MLFLOW_TRACKING_URI"].startswith("http")
+
+
+def _service_accounts() -> dict[str, dict]:
+    return {
+        d["metadata"]["name"]: d
+        for path in sorted(KUBERAY.glob("*.yaml"))
+        for d in _yaml_docs(path)
+        if d["kind"] == "ServiceAccount"
+    }
+
+
+def test_kuberay_head_workers_and_mlflow_have_service_accounts_of_their_own():
+    accounts = _service_accounts()
+    mlflow = _kind(KUBERAY / "mlflow.yaml", "Deployment")["spec"]["template"]["spec"]
+    heads, workers = set(), set()
+    for name, spec in _cluster_specs().items():
+        pods = _pod_templates(spec)
+        heads |= {pod["serviceAccountName"] for group, pod in pods if group == "head"}
+        for group, pod in pods:
+            if group != "head":
+                workers.add(pod["serviceAccountName"])
+                assert pod["automountServiceAccountToken"] is False, (name, group)
+    assert heads == {"stm-ray-head"} and workers == {"stm-ray-worker"}, (heads, workers)
+    assert mlflow["serviceAccountName"] == "stm-mlflow"
+    assert mlflow["automountServiceAccountToken"] is False
+    used = heads | workers | {mlflow["serviceAccountName"]}
+    assert len(used) == 3 and used <= set(accounts), (used, set(accounts))
+    # No API token for the workers' and MLflow's accounts either, whoever else uses them; each
+    # has a cloud identity (IRSA placeholder) for its bucket access.
+    for account in ("stm-ray-worker", "stm-mlflow"):
+        assert accounts[account]["automountServiceAccountToken"] is False, account
+    for account in used:
+        assert accounts[account]["metadata"]["annotations"]["eks.amazonaws.com/role-arn"], account
+    assert (
+        accounts["stm-mlflow"]["metadata"]["annotations"]
+        != accounts["stm-ray-worker"]["metadata"]["annotations"]
+    )
+    # The autoscaler's RBAC: the operator binds its Role to the head pod's ServiceAccount
+    # (enableInTreeAutoscaling), which no other pod uses; the head keeps its API token for the
+    # sidecar. Any RBAC binding shipped here may name the head's account only.
+    for name, spec in _cluster_specs().items():
+        assert spec["enableInTreeAutoscaling"] is True, name
+        head = spec["headGroupSpec"]["template"]["spec"]
+        assert head.get("automountServiceAccountToken", True) is True, name
+    for path in KUBERAY.glob("*.yaml"):
+        for doc in _yaml_docs(path):
+            if doc["kind"] in ("RoleBinding", "ClusterRoleBinding"):
+                subjects = {s["name"] for s in doc.get("subjects", [])}
+                assert subjects <= heads, (path.name, subjects)
+            assert doc["kind"] != "ClusterRoleBinding", path.name
+
+
+def test_every_image_is_pinned_by_digest():
+    images = {"ray-cluster.yaml": [_launcher_image()]}
+    for path in sorted(KUBERAY.glob("*.yaml")):
+        found = re.findall(r"^\s*image:\s*(\S+)", path.read_text(), flags=re.M)
+        images[path.name] = found
+    assert all(images[n] for n in ("raycluster.yaml", "rayjob.yaml", "mlflow.yaml")), images
+    base = re.findall(r"^ARG RAY_IMAGE=(\S+)$", DOCKERFILE.read_text(), flags=re.M)
+    assert len(base) == 1 and base[0].startswith(BASE_IMAGE + "@"), base
+    images["Dockerfile"] = base
+    for where, refs in images.items():
+        for ref in refs:
+            assert PINNED_IMAGE.match(ref), f"{where}: {ref} is not name:tag@sha256:<digest>"
+    assert not re.search(r"^FROM (?!\$\{RAY_IMAGE\})", DOCKERFILE.read_text(), flags=re.M)
+
+
+def test_dockerfile_installs_exact_versions_from_the_lock():
+    from packaging.requirements import Requirement
+    from packaging.utils import canonicalize_name
+    from packaging.version import Version
+
+    dockerfile = DOCKERFILE.read_text().replace("\\\n", " ")
+    installs = [
+        line
+        for line in dockerfile.splitlines()
+        if not line.startswith("#") and re.search(r"pip install(?! .*--no-deps)", line)
+    ]
+    assert installs and all("-c cluster/requirements.lock" in line for line in installs), installs
+    assert "COPY --chown=ray:users cluster/requirements.lock" in dockerfile
+    ignore = (REPO / "cluster" / "Dockerfile.dockerignore").read_text().splitlines()
+    assert "!cluster/requirements.lock" in ignore  # it is in the build context
+
+    pins = {}
+    for line in LOCK.read_text().splitlines():
+        if not line.strip() or line.startswith("#"):
+            continue
+        assert re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*==[0-9][0-9A-Za-z.+!_-]*", line), line
+        name, version = line.split("==")
+        assert canonicalize_name(name) not in pins, f"{name} twice"
+        pins[canonicalize_name(name)] = Version(version)
+    # Every dependency of pyproject.toml and every extra the Dockerfile installs is locked, at a
+    # version its specifier admits (so `pip install -c` can satisfy both).
+    import tomllib
+
+    deps = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["dependencies"]
+    extra_pip = re.search(r'^ARG EXTRA_PIP="([^"]*)"', DOCKERFILE.read_text(), flags=re.M)
+    for dep in [Requirement(d) for d in deps] + [
+        Requirement(e) for e in extra_pip.group(1).split()
+    ]:
+        name = canonicalize_name(dep.name)
+        assert name in pins, f"{dep.name} is not in {LOCK.name}"
+        assert dep.specifier.contains(pins[name], prereleases=True), (str(dep), pins[name])
 
 
 def test_kuberay_keeps_token_auth_on_and_exposes_nothing():
@@ -187,7 +512,7 @@ def _train_config(argv: list[str], monkeypatch):
     """The TrainConfig that jobs/train.py builds from ``argv`` (nothing runs)."""
     import stm.train.run
 
-    def capture(cfg, *, resume=False):
+    def capture(cfg, *, resume=False, **kwargs):
         raise _Parsed(cfg)
 
     monkeypatch.setattr(stm.train.run, "run_training", capture)
