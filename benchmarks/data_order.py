@@ -4,7 +4,7 @@ job's own path, on a many-class dataset, beside the same for a uniformly random 
 The dataset is laid out as ``jobs/preprocess.py`` lays it out: the listing sorted by class (as
 every source lists it), put in shard order (``stm.data.preprocess.shard_order``) and cut into
 shards of ``--videos-per-shard``; the videos are tiny (the order, not the pixels, is measured).
-The epochs then run through ``stm.train.ingest.build_datasets`` and
+The epochs then run through ``stm.train.ingest.epoch_dataset`` and
 ``stm.train.loop.train_batches`` on a local Ray, as a training worker sees them. For comparison,
 the same counts for one shard per class (the order before shard_order), and the expected
 number of distinct classes in ``n`` uniform draws from ``K`` classes, ``K (1 - (1 - 1/K)^n)``.
@@ -68,7 +68,7 @@ def measure(data: str, args: argparse.Namespace, k: int, buffer: bool) -> tuple[
     buffer then holds little more than its minimum)."""
     import torch
 
-    from stm.train.ingest import build_datasets
+    from stm.train.ingest import epoch_dataset, local_shuffle_seed, train_inputs
     from stm.train.loop import train_batches
 
     cfg = embedded_default(
@@ -81,10 +81,12 @@ def measure(data: str, args: argparse.Namespace, k: int, buffer: bool) -> tuple[
         crop_size=16,
     )
     per_bn, per_update = [], []
-    for _ in range(args.epochs):
-        train = build_datasets(cfg)["train"]
+    inputs = train_inputs(cfg)
+    for epoch in range(1, args.epochs + 1):
+        train = epoch_dataset(cfg, inputs, epoch, 0, 1)  # the one worker's epoch, as the loop's
         if buffer:
-            batches = train_batches(train.iterator(), cfg, torch.device("cpu"))
+            seed = local_shuffle_seed(cfg.seed, epoch, 0)
+            batches = train_batches(train, cfg, torch.device("cpu"), shuffle_seed=seed)
         else:
             batches = train.iter_batches(batch_size=cfg.bn_batch, batch_format="numpy")
         labels = [np.asarray(b["label"]).tolist() for b in batches]

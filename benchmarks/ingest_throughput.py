@@ -19,7 +19,7 @@ when the stacks of a clip overlap). Modes (all in this one run, on the same shar
              shipped), then decoded in one batched torchvision.io.decode_jpeg call per
              micro-batch and cropped / resized / flipped on CUDA (skipped without CUDA;
              --gpu-device cpu runs the same code on the CPU)
-  ray        the job's Ray Data ingest: the training dataset of stm.train.ingest.build_datasets,
+  ray        the job's Ray Data ingest: one worker's epoch of stm.train.ingest.epoch_dataset,
              iterated by stm.train.loop.train_batches as a worker does, chunks/s per CPU core
 
 Without --data, the shards are generated (benchmarks/bench_data.py).
@@ -345,14 +345,14 @@ def gpu_decode(files, videos: int, args) -> None:
 
 
 def run_ray(data: str, args) -> None:
-    """The job's ingest on Ray Data (stm.train.ingest.build_datasets), iterated as a training
+    """The job's ingest on Ray Data (stm.train.ingest.epoch_dataset), iterated as a training
     worker does (stm.train.loop.train_batches)."""
     import ray.data
     import torch
     from bench_ray import start_local_ray
 
     from stm.config import ModelConfig, TrainConfig
-    from stm.train.ingest import build_datasets
+    from stm.train.ingest import epoch_dataset, local_shuffle_seed, train_inputs
     from stm.train.loop import train_batches
 
     cores = os.cpu_count()
@@ -366,12 +366,14 @@ def run_ray(data: str, args) -> None:
         bn_batch=args.bn_batch,
         batch_size=args.bn_batch,
     )
-    train = build_datasets(cfg)["train"]
+    inputs = train_inputs(cfg)
     rates = []
     for ep in range(args.epochs):
         start = time.perf_counter()
         chunks = 0
-        for batch in train_batches(train, cfg, torch.device("cpu")):
+        train = epoch_dataset(cfg, inputs, ep + 1, 0, 1)  # one worker's epoch, as the loop's
+        seed = local_shuffle_seed(cfg.seed, ep + 1, 0)
+        for batch in train_batches(train, cfg, torch.device("cpu"), shuffle_seed=seed):
             chunks += int(batch["rgb"].shape[0]) * int(batch["rgb"].shape[1])
         el = time.perf_counter() - start
         rates.append(chunks / el)

@@ -1,5 +1,6 @@
-"""``train_loop_per_worker``: the Ray Train loop. Ray appears only at its edges (dataset
-shards, ``prepare_model``, ``report``, ``get_checkpoint``); the epoch and evaluation are the
+"""``train_loop_per_worker``: the Ray Train loop. Ray appears only at its edges (each epoch's
+training Dataset, built here by ``stm.train.ingest.epoch_dataset``, the test shard,
+``prepare_model``, ``report``, ``get_checkpoint``); the epoch and evaluation are the
 plain-PyTorch functions of ``stm.train.steps``.
 """
 
@@ -23,6 +24,7 @@ from stm.model import build_model, to_channels_last
 from stm.model.two_stream import TwoStreamNet
 from stm.train import tracking
 from stm.train.checkpoint import CHECKPOINT_FILE, checkpoint_state, load_checkpoint
+from stm.train.ingest import epoch_dataset, local_shuffle_seed, train_inputs
 from stm.train.steps import (
     THROUGHPUT,
     accuracy,
@@ -72,10 +74,13 @@ def all_reduce_sum(values: np.ndarray, device: torch.device) -> np.ndarray:
     return t.cpu().numpy()
 
 
-def rank_seed(seed: int, rank: int) -> int:
-    """The torch seed of one rank after the model is built: dropout masks (and any other torch
-    randomness in the step) differ between ranks, as one large batch's would."""
-    return int(np.random.SeedSequence([seed, rank]).generate_state(1)[0])
+def rank_seed(seed: int, rank: int, epoch: int | None = None) -> int:
+    """The torch seed of one rank after the model is built (and, with ``epoch``, at the start
+    of each epoch, so that a resumed run draws what an uninterrupted one would): dropout masks
+    (and any other torch randomness in the step) differ between ranks, as one large batch's
+    would."""
+    entropy = [seed, rank] if epoch is None else [seed, rank, epoch]
+    return int(np.random.SeedSequence(entropy).generate_state(1)[0])
 
 
 def build_worker_model(cfg: TrainConfig, rank: int) -> TwoStreamNet:
@@ -131,15 +136,22 @@ SHUFFLE_BUFFER = 32  # videos at least in each worker's local shuffle buffer (an
 
 
 def train_batches(
-    shard: Any, cfg: TrainConfig, device: torch.device, decoder: DeviceClipDecoder | None = None
+    shard: Any,
+    cfg: TrainConfig,
+    device: torch.device,
+    decoder: DeviceClipDecoder | None = None,
+    shuffle_seed: int | None = None,
 ) -> Iterable[dict]:
     """One epoch of this worker's training micro-batches of ``bn_batch`` videos: uint8 clips
     decoded by Ray Data (``decode="cpu"``), copied to ``device`` from pinned memory by Ray's
-    iterator thread, or planned clips that ``decoder`` decodes here on ``device``."""
+    iterator thread, or planned clips that ``decoder`` decodes here on ``device``. ``shard``:
+    the epoch's Dataset (``stm.train.ingest.epoch_dataset``) or a DataIterator; the local
+    shuffle buffer is seeded by ``shuffle_seed`` (None: fresh randomness)."""
     kwargs = dict(
         batch_size=cfg.bn_batch,
         drop_last=True,
         local_shuffle_buffer_size=max(SHUFFLE_BUFFER, 4 * cfg.bn_batch),
+        local_shuffle_seed=shuffle_seed,
         prefetch_batches=PREFETCH_BATCHES,
     )
     if decoder is None:
@@ -147,16 +159,34 @@ def train_batches(
     return map(decoder, shard.iter_batches(batch_format="pyarrow", **kwargs))
 
 
+def quiet_ray_train_reports() -> None:
+    """Ray Train logs every ``report`` with the whole metrics dict and every checkpoint it
+    saves, once per epoch and rank: stm's epoch line says it once, readably. Only those two
+    loggers are raised to WARNING (they are named after their files in Ray 2.60)."""
+    import importlib
+
+    for module in ("context", "storage"):
+        try:
+            mod = importlib.import_module(f"ray.train.v2._internal.execution.{module}")
+        except ImportError:  # another Ray version: its logs stay as they are
+            continue
+        for name in (mod.__name__, mod.__file__):
+            logging.getLogger(name).setLevel(logging.WARNING)
+
+
 def train_loop_per_worker(config: dict[str, Any]) -> None:
     """The per-worker loop. ``config``: ``cfg`` (a TrainConfig dict), ``num_train`` (training
-    videos), ``class_names``, ``dataset`` (the data's preprocessing settings, kept in every
-    checkpoint), ``tracking_uri``, ``run_id`` and an optional ``init`` (an object ref to a
-    state dict that initialises a new run)."""
+    videos), ``train_inputs`` (``stm.train.ingest.train_inputs``: the shard files and training
+    video ids each epoch's data is built from; read here when absent), ``class_names``,
+    ``dataset`` (the data's preprocessing settings, kept in every checkpoint), ``tracking_uri``,
+    ``run_id`` and an optional ``init`` (an object ref to a state dict that initialises a new
+    run). Epoch e's training data on this rank is a function of (seed, e, rank, world size)."""
     import ray.train
     import ray.train.torch
     from ray.train import Checkpoint
 
     cfg = from_dict(TrainConfig, config["cfg"])
+    quiet_ray_train_reports()
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     device = ray.train.torch.get_device()
@@ -200,7 +230,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             "rank %d resumes at epoch %d (lr %.2e)", rank, start_epoch, scheduler.get_last_lr()[0]
         )
 
-    train_shard = ray.train.get_dataset_shard("train")
+    inputs = config.get("train_inputs") or train_inputs(cfg)
     test_shard = ray.train.get_dataset_shard("test")
     uri, run_id = config["tracking_uri"], config["run_id"]
     class_names = config["class_names"]
@@ -212,7 +242,10 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     for epoch in range(start_epoch, cfg.epochs + 1):
         lr = scheduler.get_last_lr()[0]
         syncs_before = syncs[0] if syncs else 0
-        batches = train_batches(train_shard, cfg, device, decoder)
+        torch.manual_seed(rank_seed(cfg.seed, rank, epoch))
+        train = epoch_dataset(cfg, inputs, epoch, rank, world)
+        shuffle_seed = local_shuffle_seed(cfg.seed, epoch, rank)
+        batches = train_batches(train, cfg, device, decoder, shuffle_seed)
         stats = train_one_epoch(
             ddp,
             batches,

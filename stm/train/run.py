@@ -16,7 +16,7 @@ from typing import Any
 from stm.config import TrainConfig, UsageError, to_dict
 from stm.storage import join, resolve
 from stm.train import tracking
-from stm.train.ingest import build_datasets, data_config
+from stm.train.ingest import build_datasets, data_config, train_inputs
 from stm.train.loop import SCORE, train_loop_per_worker
 from stm.train.prepare import (
     PreparedData,
@@ -120,6 +120,7 @@ def fit(
     loop_config = {
         "cfg": to_dict(cfg),
         "num_train": data.num_train,
+        "train_inputs": train_inputs(cfg),  # the shard files and training ids, listed once
         "class_names": data.classes,
         "dataset": data.dataset,
         "tracking_uri": uri,
