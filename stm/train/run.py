@@ -74,7 +74,6 @@ def run_training(
     except tracking.TrackingUnavailable as err:
         raise UsageError(str(err)) from None
     check_storage(storage_root(cfg))
-    tracking.close_orphans(uri, cfg.experiment)  # runs whose drivers were killed
     if resume:  # the run's own config, from its folder; a contradicting flag is an error
         cfg = resumed_config(cfg, uri, explicit)
     data = prepare_data(cfg)
@@ -84,6 +83,7 @@ def run_training(
     # a resumed run starts from its latest checkpoint; one killed before its first checkpoint
     # starts again from the same initial weights
     init, source = initial_state(data.cfg, uri)
+    tracking.close_orphans(uri, cfg.experiment)  # runs whose drivers were killed
     cfg, run_id = open_run(data, uri, resume, source, parent_run_id, tags)
     try:
         result = fit(cfg, data, uri, run_id, init, callbacks)
