@@ -214,6 +214,9 @@ class TrainConfig:
     cpus_per_worker: float = 1.0  # CPUs per worker
     max_failures: int = 3  # worker-group restarts from the latest checkpoint
     keep_checkpoints: int = 2  # checkpoints kept: the best k by fused test accuracy
+    # stored videos that fail their checksums or do not decode are skipped, named in a warning
+    # and counted (metric bad_videos); more than this many in one epoch stops the run
+    max_bad_videos: int = 10
     # runs and checkpoints: a local path or s3:// / gs:// URI; "" = <home>/runs (stm.home:
     # $STM_HOME, else ~/stm_results)
     storage_path: str = ""
@@ -248,6 +251,7 @@ class TrainConfig:
             cpus_per_worker=(0.01, 1024.0),
             max_failures=(-1, 1000),  # -1: restart forever
             keep_checkpoints=(1, 1000),
+            max_bad_videos=(0, None),
         )
         if self.stride_min > self.stride_max:
             raise UsageError(f"invalid stride range [{self.stride_min}, {self.stride_max}]")
@@ -348,6 +352,9 @@ class PreprocessConfig:
     gpus_per_worker: float = 0.0  # GPUs per flow actor (tvl1-torch); >0: unset workers = GPUs/this
     videos_per_shard: int = 8  # videos per task and per shard file (also the resume granularity)
     retry_failed: bool = False  # process videos that failed in an earlier run again
+    # first check every stored JPEG against its checksum (rows without checksums: decode it);
+    # the videos that fail are removed from their shards and processed again
+    verify: bool = False
     # JPEG quality of the stored RGB frames and flow images; unset: 95 for a new dataset, the
     # recorded quality when continuing one
     jpeg_quality: int | None = None

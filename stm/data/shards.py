@@ -14,7 +14,8 @@ from __future__ import annotations
 
 import logging
 import posixpath
-from collections.abc import Sequence
+import zlib
+from collections.abc import Mapping, Sequence
 
 import cv2
 import numpy as np
@@ -43,6 +44,11 @@ FLOW_U = "flow_u"  # list<binary>, N-1 grayscale JPEGs; flow k is from frame k t
 FLOW_V = "flow_v"  # list<binary>, N-1 grayscale JPEGs; uint8 q = round(255 * (v + 20) / 40)
 TRAIN_SPLITS = "train_splits"  # list<int8>, the split numbers (1-based) that train on this video
 TEST_SPLITS = "test_splits"  # list<int8>, the split numbers (1-based) that test on this video
+# list<uint32>: zlib.crc32 of each JPEG of rgb / flow_u / flow_v, written at preprocessing and
+# checked by every reader before it decodes a JPEG (null in shards written before checksums)
+RGB_CRC32 = "rgb_crc32"
+FLOW_U_CRC32 = "flow_u_crc32"
+FLOW_V_CRC32 = "flow_v_crc32"
 
 # --- manifest columns (one row per input video) ----------------------------------------------
 STATUS = "status"  # string: "ok" | "failed"
@@ -60,6 +66,7 @@ CLASSES_FILE = "classes.json"  # ["ClassA", "ClassB", ...], index = label
 DATASET_FILE = "dataset.json"  # source, flow algorithm, short side, number of splits, counts
 UNREADABLE_DIR = "unreadable"  # OUT/unreadable/<dir>-<name>: files a rerun found unreadable
 JPEG_COLUMNS = (RGB, FLOW_U, FLOW_V)  # written uncompressed (see write_table_atomic)
+CHECKSUMS = {RGB: RGB_CRC32, FLOW_U: FLOW_U_CRC32, FLOW_V: FLOW_V_CRC32}  # JPEG column -> its crc32
 
 STATUS_OK = "ok"
 STATUS_FAILED = "failed"
@@ -80,6 +87,9 @@ SHARD_SCHEMA = pa.schema(
         pa.field(FLOW_V, pa.list_(pa.binary()), nullable=False),
         pa.field(TRAIN_SPLITS, pa.list_(pa.int8()), nullable=False),
         pa.field(TEST_SPLITS, pa.list_(pa.int8()), nullable=False),
+        pa.field(RGB_CRC32, pa.list_(pa.uint32()), nullable=True),
+        pa.field(FLOW_U_CRC32, pa.list_(pa.uint32()), nullable=True),
+        pa.field(FLOW_V_CRC32, pa.list_(pa.uint32()), nullable=True),
     ]
 )
 
@@ -198,5 +208,51 @@ def in_split(table: pa.Table, split: int, train: bool) -> np.ndarray:
 
 
 def shard_rows(rows: Sequence[dict]) -> pa.Table:
-    """Build a shard table (``SHARD_SCHEMA``) from row dicts."""
-    return pa.Table.from_pylist(list(rows), schema=SHARD_SCHEMA)
+    """Build a shard table (``SHARD_SCHEMA``) from row dicts; the checksum columns are computed
+    here from the JPEG lists when a row lacks them."""
+    full = []
+    for row in rows:
+        sums = {c: row.get(c) or checksums(row[jpegs]) for jpegs, c in CHECKSUMS.items()}
+        full.append({**row, **sums})
+    return pa.Table.from_pylist(full, schema=SHARD_SCHEMA)
+
+
+# --- integrity --------------------------------------------------------------------------------
+class CorruptVideo(ValueError):
+    """A stored video whose bytes disagree with their checksums, or that does not decode."""
+
+    def __init__(self, video_id: str, problem: str):
+        super().__init__(f"{video_id}: {problem}")
+        self.video_id, self.problem = video_id, problem
+
+
+def checksums(jpegs: Sequence) -> list[int]:
+    """zlib.crc32 of each JPEG (bytes or any buffer, e.g. a ``pyarrow.Buffer``)."""
+    return [zlib.crc32(j) for j in jpegs]
+
+
+def check_jpeg(video_id: str, column: str, index: int, data, expected: int | None) -> None:
+    """Raise ``CorruptVideo`` when JPEG ``column[index]`` disagrees with its checksum
+    (``expected``; None: the shard predates checksums, nothing to compare)."""
+    if expected is not None and zlib.crc32(data) != int(expected):
+        raise CorruptVideo(video_id, f"{column}[{index}] does not match its checksum")
+
+
+def row_problem(row: Mapping) -> str | None:
+    """What is wrong with a stored row, or None: list lengths that disagree with num_frames, or
+    a JPEG that disagrees with its checksum. Rows without checksums are decoded instead (the
+    only check they allow). ``row``: a shard row as ``to_pylist`` gives it."""
+    n = int(row[NUM_FRAMES])
+    for column, length in ((RGB, n), (FLOW_U, n - 1), (FLOW_V, n - 1)):
+        jpegs, sums = row[column], row.get(CHECKSUMS[column])
+        if len(jpegs) != length:
+            return f"{column} holds {len(jpegs)} JPEGs, not {length}"
+        if sums is not None and len(sums) != length:
+            return f"{CHECKSUMS[column]} holds {len(sums)} checksums, not {length}"
+        for k, data in enumerate(jpegs):
+            if sums is not None:
+                if zlib.crc32(data) != sums[k]:
+                    return f"{column}[{k}] does not match its checksum"
+            elif cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED) is None:
+                return f"{column}[{k}] is not a decodable JPEG"
+    return None

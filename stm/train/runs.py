@@ -46,6 +46,7 @@ RESUME_MAY_CHANGE = frozenset(
         "mlflow_uri",
         "experiment",
         "max_failures",
+        "max_bad_videos",
         "num_workers",
         "gpus_per_worker",
         "cpus_per_worker",
