@@ -26,7 +26,7 @@ from stm.train.ingest import (
     local_shuffle_seed,
     train_inputs,
 )
-from stm.train.loop import train_batches
+from stm.train.loop import fixed_steps, micro_batches_per_epoch, train_batches
 
 from tiny import TINY  # tests/tiny.py
 
@@ -97,9 +97,11 @@ def iterate(cfg: TrainConfig, inputs: dict, epoch: int, rank: int, world: int) -
     """(labels, digest of the clips' bytes) of each micro-batch, as the training loop sees them."""
     ds = epoch_dataset(cfg, inputs, epoch, rank, world)
     seed = local_shuffle_seed(cfg.seed, epoch, rank)
+    steps = micro_batches_per_epoch(len(inputs["ids"]), world, cfg)
+    batches = train_batches(ds, cfg, torch.device("cpu"), shuffle_seed=seed)
     return [
         (b["label"].tolist(), _digest(b["rgb"].numpy(), b["flow"].numpy()))
-        for b in train_batches(ds, cfg, torch.device("cpu"), shuffle_seed=seed)
+        for b in fixed_steps(batches, steps, [])
     ]
 
 

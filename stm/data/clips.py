@@ -34,6 +34,7 @@ import pyarrow as pa
 
 from stm.config import TEST_MODES, TestMode, TrainConfig, UsageError, check_choice
 from stm.data.shards import (
+    CHECKSUMS,
     FLOW_U,
     FLOW_V,
     HEIGHT,
@@ -43,6 +44,8 @@ from stm.data.shards import (
     RGB,
     VIDEO_ID,
     WIDTH,
+    CorruptVideo,
+    check_jpeg,
 )
 
 logger = logging.getLogger(__name__)
@@ -59,6 +62,8 @@ JITTER_SCALE = (0.75, 1.25)
 JITTER_POSITIONS = tuple((fy, fx) for fy in (0.0, 0.5, 1.0) for fx in (0.0, 0.5, 1.0))
 # Multiscale: "randomly cropping from the borders and centre": the 4 corners and the centre.
 CORNER_CENTRE_POSITIONS = ((0.0, 0.0), (0.0, 1.0), (1.0, 0.0), (1.0, 1.0), (0.5, 0.5))
+
+VIDEO_KEY = "video_key"  # int64 column of training batches: which video each clip comes from
 
 CropMode = Literal["jitter", "multiscale"]
 CROP_MODES = typing.get_args(CropMode)
@@ -319,7 +324,10 @@ def ten_crop_boxes(h: int, w: int, crop_size: int) -> list[CropBox]:
 
 
 class FrameCache:
-    """Decodes the JPEGs of one video lazily, each at most once (chunks' flow stacks overlap)."""
+    """Decodes the JPEGs of one video lazily, each at most once (chunks' flow stacks overlap).
+
+    Each JPEG is checked against its stored crc32 before it is decoded (when the row carries
+    checksums); a mismatch or a JPEG that does not decode raises ``CorruptVideo``."""
 
     def __init__(self, row: Mapping[str, Any]):
         self._row = row
@@ -329,18 +337,38 @@ class FrameCache:
         key = (column, int(index))
         img = self._cache.get(key)
         if img is None:
-            buf = np.frombuffer(self._row[column][int(index)], dtype=np.uint8)
+            data = self.jpeg(column, index)
+            buf = np.frombuffer(data, dtype=np.uint8)
+            mode = cv2.IMREAD_COLOR if column == RGB else cv2.IMREAD_GRAYSCALE
+            img = cv2.imdecode(buf, mode)  # (H, W, 3) BGR or (H, W)
+            if img is None:
+                raise CorruptVideo(self._video_id, f"{column}[{index}] is not a decodable JPEG")
             if column == RGB:
-                img = cv2.imdecode(buf, cv2.IMREAD_COLOR)
-                if img is None:
-                    raise ValueError(f"cannot decode {column}[{index}]")
-                img = cv2.cvtColor(img, cv2.COLOR_BGR2RGB)  # (H, W, 3)
-            else:
-                img = cv2.imdecode(buf, cv2.IMREAD_GRAYSCALE)  # (H, W)
-                if img is None:
-                    raise ValueError(f"cannot decode {column}[{index}]")
+                img = cv2.cvtColor(img, cv2.COLOR_BGR2RGB)
             self._cache[key] = img
         return img
+
+    def jpeg(self, column: str, index: int) -> Any:
+        """The stored bytes of JPEG ``column[index]``, checked against its checksum."""
+        index = int(index)
+        jpegs = self._row[column]
+        if not 0 <= index < len(jpegs):
+            raise CorruptVideo(self._video_id, f"{column} has no JPEG {index} ({len(jpegs)})")
+        sums = self._row.get(CHECKSUMS[column])
+        expected = None
+        if sums is not None:
+            if len(sums) != len(jpegs):
+                raise CorruptVideo(
+                    self._video_id, f"{column}: {len(sums)} checksums, {len(jpegs)} JPEGs"
+                )
+            expected = sums[index]
+        data = jpegs[index]
+        check_jpeg(self._video_id, column, index, data, expected)
+        return data
+
+    @property
+    def _video_id(self) -> str:
+        return str(self._row.get(VIDEO_ID, "?"))
 
 
 def crop_resize(img: np.ndarray, box: CropBox, out_h: int, out_w: int, flip: bool) -> np.ndarray:
@@ -407,6 +435,11 @@ def _frame_shape(frames: FrameCache, t: int) -> tuple[int, int]:
 # --- clips ------------------------------------------------------------------------------------
 
 
+def video_key(video_id: str) -> int:
+    """A video's number in clip batches (``VIDEO_KEY``): crc32 of its id, stable everywhere."""
+    return zlib.crc32(str(video_id).encode())
+
+
 def sample_train_plan(
     num_frames: int,
     frame_shape: Callable[[int], tuple[int, int]],
@@ -464,6 +497,7 @@ def train_clip(
         "rgb": rgb,
         "flow": flow,
         "label": int(row[LABEL]),
+        VIDEO_KEY: video_key(row[VIDEO_ID]) if VIDEO_ID in row else -1,
         "times": times,
         "box": box,
         "flip": flip,
@@ -527,7 +561,7 @@ class _ArrowList(Sequence):
         return self._values[int(index)].as_buffer()
 
 
-_ROW_COLUMNS = (VIDEO_ID, LABEL, NUM_FRAMES, HEIGHT, WIDTH, *JPEG_COLUMNS)  # those present
+_ROW_COLUMNS = (VIDEO_ID, LABEL, NUM_FRAMES, HEIGHT, WIDTH, *JPEG_COLUMNS, *CHECKSUMS.values())
 
 
 def batch_rows(batch: Any) -> list[dict[str, Any]]:
@@ -541,6 +575,8 @@ def batch_rows(batch: Any) -> list[dict[str, Any]]:
             col = batch.column(c)
             if c in JPEG_COLUMNS:
                 data[c] = [_ArrowList(col[i].values) for i in range(batch.num_rows)]
+            elif c in CHECKSUMS.values():  # null in shards written before checksums
+                data[c] = [_checksum_array(col[i]) for i in range(batch.num_rows)]
             else:
                 data[c] = col.to_pylist()
         return [{c: data[c][i] for c in columns} for i in range(batch.num_rows)]
@@ -549,13 +585,27 @@ def batch_rows(batch: Any) -> list[dict[str, Any]]:
     return [{c: batch[c][i] for c in columns} for i in range(size)]
 
 
+def _checksum_array(cell: pa.Scalar) -> np.ndarray | None:
+    return cell.values.to_numpy(zero_copy_only=False) if cell.is_valid else None
+
+
+def skipped(error: CorruptVideo) -> None:
+    """The one warning for a stored video a sampler skips."""
+    logger.warning(
+        "skipping video %s: %s (counted in bad_videos; repair the dataset with "
+        "python jobs/preprocess.py --verify and the options that made it)",
+        error.video_id,
+        error.problem,
+    )
+
+
 def video_seed(seed: int, epoch: int, video_id: str) -> np.random.SeedSequence:
     """The seed of one video's augmentation in one epoch: (seed, epoch, crc32(video_id)).
 
     crc32 is stable across processes and Python versions (unlike ``hash``), so a run is
     reproducible whichever Ray worker gets which video, in whatever batch.
     """
-    return np.random.SeedSequence([int(seed), int(epoch), zlib.crc32(str(video_id).encode())])
+    return np.random.SeedSequence([int(seed), int(epoch), video_key(video_id)])
 
 
 def rows_with_rngs(
@@ -588,12 +638,19 @@ def train_batch(
         spec: the clip recipe (see :func:`train_clip`).
         epoch, seed: see above.
 
+    A video whose JPEGs fail their checksums or do not decode (``CorruptVideo``) is skipped
+    with one warning: it has no row (the training loop counts the videos it did not get).
+
     Returns:
-        {"rgb": uint8 (B, T, 3, S, S), "flow": uint8 (B, T, 2L, S, S), "label": int64 (B,)}.
+        {"rgb": uint8 (B, T, 3, S, S), "flow": uint8 (B, T, 2L, S, S), "label": int64 (B,),
+        "video_key": int64 (B,) (:func:`video_key`)}.
     """
-    clips = [
-        train_clip(row, spec, rng=rng) for row, rng in rows_with_rngs(batch, seed=seed, epoch=epoch)
-    ]
+    clips = []
+    for row, rng in rows_with_rngs(batch, seed=seed, epoch=epoch):
+        try:
+            clips.append(train_clip(row, spec, rng=rng))
+        except CorruptVideo as e:
+            skipped(e)
     size = (spec.crop_size, spec.crop_size)
     return stack_clips(clips, spec.num_chunks, spec.flow_length, size)
 
@@ -604,11 +661,19 @@ def test_batch(batch: Any, spec: TestClipSpec) -> dict[str, np.ndarray]:
     In "full" mode the videos of one batch must share a frame size (use batch_size=1 for
     datasets of mixed aspect ratios, e.g. HMDB51).
 
+    A video whose JPEGs fail their checksums or do not decode is skipped with one warning (the
+    evaluation counts the test videos it scored).
+
     Returns:
         {"rgb": uint8 (B, V, T, 3, H', W'), "flow": uint8 (B, V, T, 2L, H', W'),
         "label": int64 (B,)}.
     """
-    clips = [test_clip(row, spec) for row in batch_rows(batch)]
+    clips = []
+    for row in batch_rows(batch):
+        try:
+            clips.append(test_clip(row, spec))
+        except CorruptVideo as e:
+            skipped(e)
     shapes = {c["rgb"].shape for c in clips}
     if len(shapes) > 1:
         raise ValueError(
@@ -630,16 +695,22 @@ def stack_clips(
     """Stack per-video clips into batch arrays (empty batches keep their trailing shape)."""
     lead = (num_chunks,) if views is None else (views, num_chunks)
     if not clips:
-        return {
+        out = {
             "rgb": np.zeros((0, *lead, 3, *size), dtype=np.uint8),
             "flow": np.zeros((0, *lead, 2 * flow_length, *size), dtype=np.uint8),
             "label": np.zeros((0,), dtype=np.int64),
         }
-    return {
+        if views is None:
+            out[VIDEO_KEY] = np.zeros((0,), dtype=np.int64)
+        return out
+    out = {
         "rgb": np.stack([c["rgb"] for c in clips]),  # (B, [V,] T, 3, H, W)
         "flow": np.stack([c["flow"] for c in clips]),  # (B, [V,] T, 2L, H, W)
         "label": np.array([c["label"] for c in clips], dtype=np.int64),  # (B,)
     }
+    if VIDEO_KEY in clips[0]:  # training clips: which video each comes from
+        out[VIDEO_KEY] = np.array([c[VIDEO_KEY] for c in clips], dtype=np.int64)  # (B,)
+    return out
 
 
 class TrainClipSampler:

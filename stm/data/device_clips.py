@@ -29,6 +29,7 @@ import torch
 import torch.nn.functional as F
 
 from stm.data.clips import (
+    VIDEO_KEY,
     FrameCache,
     TrainClipSampler,
     TrainClipSpec,
@@ -36,8 +37,20 @@ from stm.data.clips import (
     flow_stack_indices,
     rows_with_rngs,
     sample_train_plan,
+    skipped,
+    video_key,
 )
-from stm.data.shards import FLOW_U, FLOW_V, HEIGHT, LABEL, NUM_FRAMES, RGB, WIDTH
+from stm.data.shards import (
+    FLOW_U,
+    FLOW_V,
+    HEIGHT,
+    LABEL,
+    NUM_FRAMES,
+    RGB,
+    VIDEO_ID,
+    WIDTH,
+    CorruptVideo,
+)
 
 # The columns of a planned batch (one row per video).
 RGB_JPEG = "rgb_jpeg"  # list<binary>, T colour JPEGs: the chunks' RGB frames
@@ -57,6 +70,7 @@ PLAN_SCHEMA = pa.schema(
         pa.field(FLOW_INDEX, pa.list_(pa.int32()), nullable=False),
         pa.field(BOX, pa.list_(pa.int32()), nullable=False),
         pa.field(FLIP, pa.bool_(), nullable=False),
+        pa.field(VIDEO_KEY, pa.int64(), nullable=False),
     ]
 )
 
@@ -75,20 +89,36 @@ def plan_train_batch(
     """
     cols: dict[str, list] = {name: [] for name in PLAN_SCHEMA.names}
     for row, rng in rows_with_rngs(batch, seed=seed, epoch=epoch):
-        n = int(row[NUM_FRAMES])
-        # (H, W) from the shard's size columns, else from the first chunk's decoded frame
-        size = (int(row[HEIGHT]), int(row[WIDTH])) if HEIGHT in row and WIDTH in row else None
-        frame_size = functools.partial(_frame_size, size, FrameCache(row))
-        times, box, flip = sample_train_plan(n, frame_size, spec, rng=rng)
-        stacks = flow_stack_indices(times, n - 1, spec.flow_length)  # (T, L)
-        distinct, index = np.unique(stacks, return_inverse=True)  # (K,), (T*L,)
-        cols[LABEL].append(int(row[LABEL]))
-        cols[RGB_JPEG].append([_bytes(row[RGB][int(t)]) for t in times])
-        cols[FLOW_JPEG].append([_bytes(row[c][int(k)]) for c in (FLOW_U, FLOW_V) for k in distinct])
-        cols[FLOW_INDEX].append(index.reshape(-1).astype(np.int32))
-        cols[BOX].append(list(box))
-        cols[FLIP].append(flip)
+        try:
+            plan = _plan(row, spec, rng)
+        except CorruptVideo as e:  # skipped: the training loop counts the videos it lacks
+            skipped(e)
+            continue
+        for name, value in plan.items():
+            cols[name].append(value)
     return pa.Table.from_pydict(cols, schema=PLAN_SCHEMA)
+
+
+def _plan(row: dict[str, Any], spec: TrainClipSpec, rng: np.random.Generator) -> dict[str, Any]:
+    """One video's planned clip (a :data:`PLAN_SCHEMA` row); its JPEGs are checked against
+    their checksums here, where they are read (the device decodes only verified bytes)."""
+    n = int(row[NUM_FRAMES])
+    frames = FrameCache(row)
+    # (H, W) from the shard's size columns, else from the first chunk's decoded frame
+    size = (int(row[HEIGHT]), int(row[WIDTH])) if HEIGHT in row and WIDTH in row else None
+    frame_size = functools.partial(_frame_size, size, frames)
+    times, box, flip = sample_train_plan(n, frame_size, spec, rng=rng)
+    stacks = flow_stack_indices(times, n - 1, spec.flow_length)  # (T, L)
+    distinct, index = np.unique(stacks, return_inverse=True)  # (K,), (T*L,)
+    return {
+        LABEL: int(row[LABEL]),
+        RGB_JPEG: [_bytes(frames.jpeg(RGB, int(t))) for t in times],
+        FLOW_JPEG: [_bytes(frames.jpeg(c, int(k))) for c in (FLOW_U, FLOW_V) for k in distinct],
+        FLOW_INDEX: index.reshape(-1).astype(np.int32),
+        BOX: list(box),
+        FLIP: flip,
+        VIDEO_KEY: video_key(row[VIDEO_ID]) if VIDEO_ID in row else -1,
+    }
 
 
 def _frame_size(size: tuple[int, int] | None, frames: FrameCache, t: int) -> tuple[int, int]:
@@ -113,8 +143,9 @@ class DeviceClipDecoder:
     ``spec`` is the recipe the clips were planned with (its crop size and stack length).
 
     ``decoder(table)`` returns {"rgb": uint8 (B, T, 3, S, S), "flow": uint8 (B, T, 2L, S, S),
-    "label": int64 (B,)} on ``device``: the arrays of :func:`stm.data.clips.train_batch`, in
-    one batched ``decode_jpeg`` call per image mode for the whole micro-batch.
+    "label": int64 (B,)} on ``device`` and "video_key": int64 (B,) on the host: the arrays of
+    :func:`stm.data.clips.train_batch`, in one batched ``decode_jpeg`` call per image mode for
+    the whole micro-batch.
 
     On CUDA the work runs on a side stream of its own, so the next micro-batch decodes while
     the compute stream runs the current one; the batch then also carries a :data:`READY`
@@ -179,7 +210,13 @@ class DeviceClipDecoder:
             rgb_out.append(rgb)
             flow_out.append(flow)
             r0, f0, i0 = r0 + nr, f0 + nf, i0 + ni
-        return {"rgb": torch.stack(rgb_out), "flow": torch.stack(flow_out), "label": labels}
+        keys = torch.from_numpy(cols[VIDEO_KEY].to_numpy().astype(np.int64))  # stays on the host
+        return {
+            "rgb": torch.stack(rgb_out),
+            "flow": torch.stack(flow_out),
+            "label": labels,
+            VIDEO_KEY: keys,
+        }
 
     def _upload(self, array: np.ndarray) -> torch.Tensor:
         """A host array on the device without waiting: pageable memory would make the copy

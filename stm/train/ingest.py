@@ -32,6 +32,7 @@ from stm.config import TrainConfig
 from stm.data.clips import TestClipSampler, TrainClipSampler, test_clip_spec, train_clip_spec
 from stm.data.device_clips import TrainPlanSampler
 from stm.data.shards import (
+    CHECKSUMS,
     FLOW_U,
     FLOW_V,
     HEIGHT,
@@ -60,6 +61,18 @@ CLIP_COLUMNS = [
     TRAIN_SPLITS,
     TEST_SPLITS,
 ]
+
+
+def clip_columns(data: str, files: Sequence[str]) -> list[str]:
+    """The shard columns clips are sampled from: ``CLIP_COLUMNS`` and the JPEG checksums, when
+    the dataset's shards carry them (they do from the first shard on, or not at all)."""
+    if not files:
+        return list(CLIP_COLUMNS)
+    import pyarrow.parquet as pq
+
+    fs, _ = resolve(data)
+    names = set(pq.read_schema(files[0], filesystem=fs).names)
+    return [*CLIP_COLUMNS, *(c for c in CHECKSUMS.values() if c in names)]
 
 
 def split_sizes(data: str, split: int) -> tuple[int, int]:
@@ -110,7 +123,13 @@ def train_inputs(cfg: TrainConfig) -> dict[str, Any]:
     ids = table.column(VIDEO_ID).filter(pa.array(in_split(table, cfg.split, True))).to_pylist()
     if len(set(ids)) != len(ids):
         raise ValueError(f"{cfg.data}: the shards hold some training video twice")
-    return {"data": cfg.data, "files": sorted(dataset.files), "ids": sorted(ids)}
+    files = sorted(dataset.files)
+    return {
+        "data": cfg.data,
+        "files": files,
+        "ids": sorted(ids),
+        "columns": clip_columns(cfg.data, files),
+    }
 
 
 def deal(ids: Sequence[str], seed: int, epoch: int, world: int) -> list[list[str]]:
@@ -135,6 +154,11 @@ def local_shuffle_seed(seed: int, epoch: int, rank: int) -> int:
     return int(_seed_sequence(_LOCAL_SHUFFLE, seed, epoch, rank).generate_state(1)[0])
 
 
+def epoch_ids(cfg: TrainConfig, inputs: dict[str, Any], epoch: int, rank: int, world: int):
+    """The training video ids of rank ``rank`` in ``epoch`` (:func:`deal`)."""
+    return deal(inputs["ids"], cfg.seed, epoch, world)[rank]
+
+
 def epoch_dataset(
     cfg: TrainConfig, inputs: dict[str, Any], epoch: int, rank: int, world: int
 ) -> Any:
@@ -146,14 +170,14 @@ def epoch_dataset(
     from ray.data.expressions import col
 
     fs, _ = resolve(inputs["data"])
-    ids = deal(inputs["ids"], cfg.seed, epoch, world)[rank]
+    ids = epoch_ids(cfg, inputs, epoch, rank, world)
     # --decode device: the workers only sample the clips and ship their JPEGs, which the
     # training loop decodes on its device (stm.data.device_clips); the same random draws.
     sampler_cls = TrainPlanSampler if cfg.decode == "device" else TrainClipSampler
     sampler = sampler_cls(train_clip_spec(cfg), epoch=epoch, seed=cfg.seed)
     ds = (
         ray.data.read_parquet(epoch_files(inputs["files"], cfg.seed, epoch), filesystem=fs)
-        .select_columns(CLIP_COLUMNS)
+        .select_columns(inputs.get("columns") or CLIP_COLUMNS)
         .filter(expr=col(VIDEO_ID).is_in(ids))  # pushed into the scan: only these row groups
         .map_batches(
             _clips,
@@ -176,7 +200,8 @@ def build_datasets(cfg: TrainConfig) -> dict[str, Any]:
 
     fs, root = resolve(cfg.data)
     files = list_parquet(fs, f"{root.rstrip('/')}/shards")
-    base = ray.data.read_parquet(files, filesystem=fs).select_columns(CLIP_COLUMNS)
+    columns = clip_columns(cfg.data, files)
+    base = ray.data.read_parquet(files, filesystem=fs).select_columns(columns)
     test_sampler = TestClipSampler(test_clip_spec(cfg))
     test = base.map_batches(
         _clips,

@@ -18,13 +18,13 @@ import torch
 import torch.distributed as dist
 
 from stm.config import TrainConfig, from_dict
-from stm.data.clips import train_clip_spec
+from stm.data.clips import VIDEO_KEY, train_clip_spec, video_key
 from stm.data.device_clips import DeviceClipDecoder
 from stm.model import build_model, to_channels_last
 from stm.model.two_stream import TwoStreamNet
 from stm.train import tracking
 from stm.train.checkpoint import CHECKPOINT_FILE, checkpoint_state, load_checkpoint
-from stm.train.ingest import epoch_dataset, local_shuffle_seed, train_inputs
+from stm.train.ingest import epoch_dataset, epoch_ids, local_shuffle_seed, train_inputs
 from stm.train.steps import (
     THROUGHPUT,
     accuracy,
@@ -125,10 +125,15 @@ def epoch_line(metrics: dict[str, float], epochs: int) -> str:
     return line + f"  {metrics[THROUGHPUT]:.1f} chunks/s"
 
 
+def micro_batches_per_epoch(num_train: int, world: int, cfg: TrainConfig) -> int:
+    """Micro-batches in one epoch on every worker: its ``num_train // world`` videos in full
+    micro-batches of ``bn_batch`` (at least one)."""
+    return max(1, (num_train // world) // cfg.bn_batch)
+
+
 def updates_per_epoch(num_train: int, world: int, cfg: TrainConfig) -> int:
     """Optimiser updates in one epoch on every worker (equal shards, full micro-batches)."""
-    micro = (num_train // world) // cfg.bn_batch
-    return max(1, math.ceil(micro / cfg.accum_steps))
+    return math.ceil(micro_batches_per_epoch(num_train, world, cfg) / cfg.accum_steps)
 
 
 PREFETCH_BATCHES = 2  # micro-batches Ray's iterator thread prepares ahead of the step
@@ -142,14 +147,15 @@ def train_batches(
     decoder: DeviceClipDecoder | None = None,
     shuffle_seed: int | None = None,
 ) -> Iterable[dict]:
-    """One epoch of this worker's training micro-batches of ``bn_batch`` videos: uint8 clips
-    decoded by Ray Data (``decode="cpu"``), copied to ``device`` from pinned memory by Ray's
-    iterator thread, or planned clips that ``decoder`` decodes here on ``device``. ``shard``:
-    the epoch's Dataset (``stm.train.ingest.epoch_dataset``) or a DataIterator; the local
-    shuffle buffer is seeded by ``shuffle_seed`` (None: fresh randomness)."""
+    """One epoch of this worker's training micro-batches of ``bn_batch`` videos (the last one
+    may be smaller): uint8 clips decoded by Ray Data (``decode="cpu"``), copied to ``device``
+    from pinned memory by Ray's iterator thread, or planned clips that ``decoder`` decodes here
+    on ``device``. ``shard``: the epoch's Dataset (``stm.train.ingest.epoch_dataset``) or a
+    DataIterator; the local shuffle buffer is seeded by ``shuffle_seed`` (None: fresh
+    randomness). :func:`fixed_steps` makes the micro-batches every worker trains on."""
     kwargs = dict(
         batch_size=cfg.bn_batch,
-        drop_last=True,
+        drop_last=False,  # fixed_steps drops the rest, after reading its video keys
         local_shuffle_buffer_size=max(SHUFFLE_BUFFER, 4 * cfg.bn_batch),
         local_shuffle_seed=shuffle_seed,
         prefetch_batches=PREFETCH_BATCHES,
@@ -157,6 +163,44 @@ def train_batches(
     if decoder is None:
         return shard.iter_torch_batches(device=device, pin_memory=device.type == "cuda", **kwargs)
     return map(decoder, shard.iter_batches(batch_format="pyarrow", **kwargs))
+
+
+def fixed_steps(batches: Iterable[dict], steps: int, keys: list[torch.Tensor]) -> Iterable[dict]:
+    """Exactly ``steps`` micro-batches of ``batches``, so that every DDP worker makes the same
+    collective calls: the first ``steps`` ones; when the worker's skipped (corrupt) videos left
+    it fewer, its last one again. What comes after them (a trailing partial micro-batch) is
+    read and dropped. The ``VIDEO_KEY`` column of every micro-batch read is appended to
+    ``keys``: the videos this worker got (:func:`missing_videos`)."""
+    last, done = None, 0
+    for batch in batches:
+        keys.append(batch.pop(VIDEO_KEY))
+        if done < steps:
+            last, done = batch, done + 1
+            yield batch
+    if last is None:
+        raise RuntimeError("no training video of this worker's epoch could be read (see above)")
+    for _ in range(steps - done):
+        yield last
+
+
+def missing_videos(expected: Iterable[str], keys: list[torch.Tensor]) -> list[str]:
+    """The ids in ``expected`` whose ``VIDEO_KEY`` is in none of ``keys``: the videos the
+    samplers skipped (their JPEGs failed a checksum or did not decode)."""
+    seen = set(torch.cat([k.reshape(-1).cpu() for k in keys]).tolist()) if keys else set()
+    return [v for v in expected if video_key(v) not in seen]
+
+
+def gather_names(names: list[str]) -> list[str]:
+    """Every worker's ``names``, on every worker (only called when some worker has some)."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return list(names)
+    everyone: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(everyone, names)
+    return sorted(n for part in everyone for n in part)
+
+
+BAD_VIDEOS = "bad_videos"  # metric: stored videos skipped in an epoch (training and test)
+STOPPED = "stopped_bad_videos"  # metric: 1 when the run stopped at --max-bad-videos
 
 
 def quiet_ray_train_reports() -> None:
@@ -175,12 +219,17 @@ def quiet_ray_train_reports() -> None:
 
 
 def train_loop_per_worker(config: dict[str, Any]) -> None:
-    """The per-worker loop. ``config``: ``cfg`` (a TrainConfig dict), ``num_train`` (training
-    videos), ``train_inputs`` (``stm.train.ingest.train_inputs``: the shard files and training
-    video ids each epoch's data is built from; read here when absent), ``class_names``,
-    ``dataset`` (the data's preprocessing settings, kept in every checkpoint), ``tracking_uri``,
-    ``run_id`` and an optional ``init`` (an object ref to a state dict that initialises a new
-    run). Epoch e's training data on this rank is a function of (seed, e, rank, world size)."""
+    """The per-worker loop. ``config``: ``cfg`` (a TrainConfig dict), ``num_train`` and
+    ``num_test`` (the split's training and test videos), ``train_inputs``
+    (``stm.train.ingest.train_inputs``: the shard files and training video ids each epoch's
+    data is built from; read here when absent), ``class_names``, ``dataset`` (the data's
+    preprocessing settings, kept in every checkpoint), ``tracking_uri``, ``run_id`` and an
+    optional ``init`` (an object ref to a state dict that initialises a new run). Epoch e's
+    training data on this rank is a function of (seed, e, rank, world size).
+
+    Stored videos that fail their checksums or do not decode are skipped by the samplers and
+    counted here (metric ``bad_videos``, the run's ``bad_videos`` tag names them); an epoch
+    with more than ``cfg.max_bad_videos`` is the last (metric ``stopped_bad_videos``)."""
     import ray.train
     import ray.train.torch
     from ray.train import Checkpoint
@@ -195,6 +244,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     bf16 = cfg.use_bf16(device.type)
     model = build_worker_model(cfg, rank)
     upe = updates_per_epoch(config["num_train"], world, cfg)
+    micro_batches = micro_batches_per_epoch(config["num_train"], world, cfg)
 
     resume = ray.train.get_checkpoint()
     state = None
@@ -245,7 +295,10 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         torch.manual_seed(rank_seed(cfg.seed, rank, epoch))
         train = epoch_dataset(cfg, inputs, epoch, rank, world)
         shuffle_seed = local_shuffle_seed(cfg.seed, epoch, rank)
-        batches = train_batches(train, cfg, device, decoder, shuffle_seed)
+        keys: list[torch.Tensor] = []
+        batches = fixed_steps(
+            train_batches(train, cfg, device, decoder, shuffle_seed), micro_batches, keys
+        )
         stats = train_one_epoch(
             ddp,
             batches,
@@ -258,9 +311,10 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             frozen_bn=cfg.frozen_bn,
         )
         # Sum the workers' counts, then form the metrics.
-        keys = sorted(stats.correct)
-        counts = [stats.loss, stats.videos, stats.chunks, stats.seconds]
-        sums = all_reduce_sum(np.array([*counts, *[stats.correct[k] for k in keys]]), device)
+        bad = missing_videos(epoch_ids(cfg, inputs, epoch, rank, world), keys)
+        names = sorted(stats.correct)
+        counts = [stats.loss, stats.videos, stats.chunks, stats.seconds, len(bad)]
+        sums = all_reduce_sum(np.array([*counts, *[stats.correct[k] for k in names]]), device)
         videos = max(sums[1], 1.0)
         metrics: dict[str, float] = {
             "epoch": float(epoch),
@@ -270,8 +324,10 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             "updates": float(stats.updates),
             "start_epoch": float(start_epoch),  # > 1 after a restore from a checkpoint
         }
-        for k, c in zip(keys, sums[4:]):
+        for k, c in zip(names, sums[5:]):
             metrics[f"train_clip_acc_{k}"] = c / videos
+        bad_train = int(sums[4])
+        bad = gather_names(bad) if bad_train else []
         if syncs is not None:
             metrics["grad_syncs"] = float(syncs[0] - syncs_before)
 
@@ -295,6 +351,12 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                 metrics[f"test_video_acc_{n}"] = accuracy(c)
             metrics["test_videos"] = float(next(iter(confusions.values())).sum())
             score = metrics.get("test_video_acc_fused", metrics[f"test_video_acc_{cfg.stage}"])
+            bad_test = int(config.get("num_test", 0)) - int(metrics["test_videos"])
+            metrics[BAD_VIDEOS] = float(bad_train + max(0, bad_test))
+        metrics.setdefault(BAD_VIDEOS, float(bad_train))
+        stop = metrics[BAD_VIDEOS] > cfg.max_bad_videos
+        if stop:
+            metrics[STOPPED] = 1.0
         metrics[SCORE] = score  # the latest evaluation's (checkpoints are ranked by it)
         metrics = {k: float(v) for k, v in metrics.items()}  # plain floats: weights_only loads
 
@@ -309,7 +371,23 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                 )
                 checkpoint = Checkpoint.from_directory(tmp)
                 tracking.log_metrics(uri, run_id, metrics, step=epoch)
+                if metrics[BAD_VIDEOS]:
+                    report_bad_videos(uri, run_id, epoch, metrics, bad)
                 if epoch == cfg.epochs and confusions is not None:
                     tracking.log_evaluation(uri, run_id, confusions, class_names)
                 log.info("%s", epoch_line(metrics, cfg.epochs))
             ray.train.report(metrics, checkpoint=checkpoint)
+        if stop:  # every worker sees the same sum: all of them stop here (finish() fails the run)
+            break
+
+
+def report_bad_videos(
+    uri: str, run_id: str, epoch: int, metrics: dict[str, float], train_names: list[str]
+) -> None:
+    """One warning and the run's ``bad_videos`` tag: how many stored videos an epoch skipped
+    and which training ones (test videos are named in the Ray Data workers' warnings)."""
+    count = int(metrics[BAD_VIDEOS])
+    named = ", ".join(train_names[:10]) + (" ..." if len(train_names) > 10 else "")
+    text = f"epoch {epoch}: {count} stored videos skipped" + (f" ({named})" if named else "")
+    log.warning("%s: their JPEGs fail their checksums or do not decode", text)
+    tracking.set_tags(uri, run_id, {BAD_VIDEOS: text})

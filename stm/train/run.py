@@ -17,7 +17,7 @@ from stm.config import TrainConfig, UsageError, to_dict
 from stm.storage import join, resolve
 from stm.train import tracking
 from stm.train.ingest import build_datasets, data_config, train_inputs
-from stm.train.loop import SCORE, train_loop_per_worker
+from stm.train.loop import BAD_VIDEOS, SCORE, STOPPED, train_loop_per_worker
 from stm.train.prepare import (
     PreparedData,
     check_gpus,
@@ -120,6 +120,7 @@ def fit(
     loop_config = {
         "cfg": to_dict(cfg),
         "num_train": data.num_train,
+        "num_test": data.num_test,
         "train_inputs": train_inputs(cfg),  # the shard files and training ids, listed once
         "class_names": data.classes,
         "dataset": data.dataset,
@@ -164,12 +165,27 @@ def _ray_storage(storage: str) -> dict[str, Any]:
     return {"storage_path": path, "storage_filesystem": filesystem}
 
 
+def check_bad_videos(cfg: TrainConfig, uri: str, run_id: str, metrics: dict[str, Any]) -> None:
+    """A run that stopped at ``--max-bad-videos``: one line naming the videos and the repair
+    (its checkpoints are kept: rerun with ``--resume`` once the dataset is repaired)."""
+    if not metrics.get(STOPPED):
+        return
+    named = tracking.run_tags(uri, run_id).get(BAD_VIDEOS, "")
+    raise UsageError(
+        f"stopped: {named or f'{int(metrics[BAD_VIDEOS])} stored videos skipped'}, more than "
+        f"--max-bad-videos {cfg.max_bad_videos}; their JPEGs fail their checksums or do not "
+        f"decode. Repair the dataset with python jobs/preprocess.py --verify --out {cfg.data} "
+        "(and the options that made it), then continue with --resume"
+    )
+
+
 def finish(cfg: TrainConfig, uri: str, run_id: str, result: Any) -> tuple[str, str]:
     """The run's end: its best checkpoint logged as its model, registered as a version of
     ``--model-name`` (unless ""), the run marked FINISHED. Returns the best checkpoint's
     path and "NAME version N (alias ALIAS)" (or "")."""
     from stm.train import registry
 
+    check_bad_videos(cfg, uri, run_id, result.metrics or {})
     best, registered = "", ""
     if result.best_checkpoints:
         checkpoint, metrics = max(result.best_checkpoints, key=lambda cm: cm[1].get(SCORE, -1.0))

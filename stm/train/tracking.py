@@ -177,6 +177,10 @@ def set_tags(uri: str, run_id: str, tags: Mapping[str, str]) -> None:
         client.set_tag(run_id, k, v)
 
 
+def run_tags(uri: str, run_id: str) -> dict[str, str]:
+    return dict(mlflow_client(uri).get_run(run_id).data.tags)
+
+
 def confusion_figure(confusion: np.ndarray, class_names: list[str], title: str):
     """A confusion-matrix figure (rows: true class, columns: predicted), row-normalised."""
     import matplotlib
