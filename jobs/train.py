@@ -46,12 +46,14 @@ def parse(argv: list[str] | None = None) -> tuple[TrainConfig, bool, dict]:
 def main(argv: list[str] | None = None) -> int:
     cfg, resume, given = parse(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
-    from stm.train.run import run_training
+    from stm.train.run import TrainingFailed, run_training
 
     try:
         summary = run_training(cfg, resume=resume, explicit=given if resume else None)
     except UsageError as err:
         fail(PROG, str(err))
+    except TrainingFailed as err:
+        fail(PROG, str(err), status=1)
     m = summary.metrics
     accs = "  ".join(
         f"{name} {m[f'test_video_acc_{name}']:.1%}"

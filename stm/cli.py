@@ -33,9 +33,10 @@ class OneLineParser(argparse.ArgumentParser):
         fail(self.prog, message)
 
 
-def fail(prog: str, message: str) -> NoReturn:
+def fail(prog: str, message: str, status: int = 2) -> NoReturn:
+    """One line on stderr and exit ``status`` (2: bad input; 1: the work itself failed)."""
     sys.stderr.write(f"{prog}: error: {message}\n")
-    raise SystemExit(2)
+    raise SystemExit(status)
 
 
 def _optional(hint: Any) -> Any:

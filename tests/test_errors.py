@@ -110,3 +110,66 @@ def test_a_missing_shard_is_named_before_training(broken_data, tmp_path):
     proc = _job("train.py", [*common, "--data", str(broken_data)], tmp_path)
     _one_line(proc, "train.py", "videos its manifest records as done are in no shard")
     assert f"rerun jobs/preprocess.py --out {broken_data}" in proc.stderr
+
+
+@pytest.fixture()
+def small_disk(tmp_path):
+    """A 4 MiB filesystem of its own (tmpfs; needs root, as CI and the dev machine have)."""
+    where = tmp_path / "small"
+    where.mkdir()
+    mount = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(where)], capture_output=True
+    )
+    if mount.returncode != 0:
+        pytest.skip(f"cannot mount a small tmpfs here: {mount.stderr.decode().strip()}")
+    try:
+        yield where
+    finally:
+        subprocess.run(["umount", "-l", str(where)], check=False)
+
+
+def test_a_full_storage_path_stops_before_a_half_written_checkpoint(
+    synthetic, small_disk, tmp_path
+):
+    """A checkpoint that does not fit is not started: one line, the run FAILED with the
+    reason, nothing half-written (Ray Train would otherwise leave a truncated checkpoint.pt on
+    every restart)."""
+    from mlflow.tracking import MlflowClient
+
+    from tiny import own_lines  # tests/tiny.py
+
+    args = ["--init", "scratch", "--data", synthetic, "--storage-path", str(small_disk)]
+    args += ["--mlflow-uri", f"sqlite:///{tmp_path / 'm.db'}", "--epochs", "1", "--name", "full"]
+    args += ["--num-chunks", "2", "--crop-size", "48", "--test-frames", "2", "--model-name", ""]
+    proc = _job("train.py", args, tmp_path)
+    lines = [ln for ln in proc.stderr.splitlines() if ln.startswith("train.py: error")]
+    assert proc.returncode == 2 and len(lines) == 1, proc.stderr[-3000:]
+    assert f"stopped after epoch 1: the storage path {small_disk / 'full'} has" in lines[0]
+    assert "continue with --resume --name full" in lines[0]
+    assert "Traceback" not in "\n".join(own_lines(proc.stderr))
+    assert not list((small_disk / "full").glob("checkpoint_*"))
+    client = MlflowClient(f"sqlite:///{tmp_path / 'm.db'}")
+    (run,) = client.search_runs([client.get_experiment_by_name("stm").experiment_id])
+    assert run.info.status == "FAILED" and "MiB free" in run.data.tags["error"]
+
+
+def test_ray_train_failures_are_one_line_and_half_written_checkpoints_go(tmp_path):
+    from ray.train import WorkerGroupError
+
+    from stm.config import embedded_default
+    from stm.train.run import failure
+    from stm.train.runs import remove_unrecorded_checkpoints
+
+    cfg = embedded_default(name="r1", max_failures=3)
+    full = OSError(28, "No space left on device")
+    err = failure(cfg, "/runs/r1", WorkerGroupError("Traceback ...\nOSError: ...", {0: full}))
+    assert str(err).startswith("run r1 failed after 3 restarts: [Errno 28] No space left")
+    assert str(err).endswith("kept in /runs/r1: continue with --resume --name r1")
+    for name in ("checkpoint_2026-01-01_00-00-00.1", "checkpoint_2026-01-01_00-01-00.2"):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "checkpoint.pt").write_bytes(b"half")
+    snapshot = {"checkpoints": [{"path": str(tmp_path / "checkpoint_2026-01-01_00-00-00.1")}]}
+    (tmp_path / "checkpoint_manager_snapshot.json").write_text(json.dumps(snapshot))
+    removed = remove_unrecorded_checkpoints(str(tmp_path))
+    assert [Path(p).name for p in removed] == ["checkpoint_2026-01-01_00-01-00.2"]
+    assert (tmp_path / "checkpoint_2026-01-01_00-00-00.1" / "checkpoint.pt").exists()

@@ -10,6 +10,7 @@ import signal
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -17,7 +18,7 @@ import torch
 
 from stm.config import embedded_default
 
-from tiny import wait_for_checkpoint  # tests/tiny.py
+from tiny import start_job, wait_for_checkpoint  # tests/tiny.py
 
 ROOT = Path(__file__).resolve().parents[1]
 SMOKE = dict(
@@ -160,26 +161,16 @@ def test_killed_worker_restarts_from_last_checkpoint(synthetic, tmp_path):
     assert m["start_epoch"] >= 2  # the restarted group continued from a checkpoint
 
 
-def _train(args: list[str], tmp: Path, **kw) -> subprocess.Popen:
-    env = dict(os.environ, RAY_ADDRESS="local")  # the job starts its own local Ray
-    return subprocess.Popen(
-        [
-            sys.executable,
-            str(ROOT / "jobs" / "train.py"),
-            *args,
-            "--storage-path",
-            str(tmp / "runs"),
-            "--mlflow-uri",
-            f"sqlite:///{tmp / 'mlflow.db'}",
-        ],
-        cwd=tmp,
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        start_new_session=True,
-        **kw,
-    )
+def _train(args: list[str], tmp: Path) -> subprocess.Popen:
+    """``jobs/train.py ARGS`` into ``tmp``'s runs and MLflow store, on its own local Ray."""
+    flags = [
+        *args,
+        "--storage-path",
+        str(tmp / "runs"),
+        "--mlflow-uri",
+        f"sqlite:///{tmp / 'mlflow.db'}",
+    ]
+    return start_job("train.py", flags, dict(os.environ, RAY_ADDRESS="local"), tmp)
 
 
 def test_resume_after_the_job_is_killed_continues_epoch_and_lr(synthetic, tmp_path):
@@ -345,3 +336,45 @@ def mlflow_client_at(uri: str):
     from mlflow.tracking import MlflowClient
 
     return MlflowClient(tracking_uri=uri)
+
+
+def _kill(job: subprocess.Popen) -> None:
+    os.killpg(job.pid, signal.SIGKILL)  # the driver and everything it started, as a lost node
+    job.wait()
+
+
+def test_resume_continues_the_run_that_checkpointed_not_the_one_that_started_last(
+    synthetic, tmp_path
+):
+    """Run "saved" is killed after its first checkpoint, run "unsaved" before its first: a
+    plain --resume continues "saved" from epoch 2, and the killed drivers' MLflow runs do not
+    stay RUNNING (the next start marks "unsaved" KILLED; "saved" is resumed, then FINISHED)."""
+    common = ["--data", synthetic, *SMOKE_FLAGS, "--num-workers", "1", "--eval-every", "2"]
+    saved = _train([*common, "--name", "saved"], tmp_path)
+    try:
+        wait_for_checkpoint(tmp_path / "runs" / "saved")
+    finally:
+        _kill(saved)
+    unsaved = _train([*common, "--name", "unsaved"], tmp_path)
+    try:
+        deadline = time.time() + 300
+        while not (tmp_path / "runs" / "unsaved" / "mlflow_run_id").is_file():
+            assert time.time() < deadline and unsaved.poll() is None
+            time.sleep(0.2)
+    finally:
+        _kill(unsaved)
+    client = mlflow_client(tmp_path)
+    ids = {
+        n: (tmp_path / "runs" / n / "mlflow_run_id").read_text().strip()
+        for n in ("saved", "unsaved")
+    }
+    assert client.get_run(ids["unsaved"]).info.status == "RUNNING"  # its driver died
+
+    again = _train(["--resume"], tmp_path)
+    out, _ = again.communicate(timeout=600)
+    assert again.returncode == 0, out[-3000:]
+    assert "run saved (" in out
+    starts = client.get_metric_history(ids["saved"], "start_epoch")
+    assert max(s.value for s in starts) == 2  # continued, not started again
+    assert client.get_run(ids["saved"]).info.status == "FINISHED"
+    assert client.get_run(ids["unsaved"]).info.status == "KILLED"

@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import shutil
 import tempfile
 from collections.abc import Iterable
 from typing import Any
@@ -199,8 +200,31 @@ def gather_names(names: list[str]) -> list[str]:
     return sorted(n for part in everyone for n in part)
 
 
-BAD_VIDEOS = "bad_videos"  # metric: stored videos skipped in an epoch (training and test)
-STOPPED = "stopped_bad_videos"  # metric: 1 when the run stopped at --max-bad-videos
+BAD_VIDEOS = "bad_videos"  # metric and tag: stored videos skipped in an epoch (and which)
+STOPPED = "stopped"  # tag: why the run stopped itself (the driver's one line), see stop_reason
+
+
+def free_bytes(run_dir: str) -> int | None:
+    """Bytes free on the filesystem of a local run folder (None for object stores, which do
+    not fill up, or when it cannot be told)."""
+    if not run_dir or "://" in run_dir:
+        return None
+    path = os.path.abspath(run_dir)
+    while not os.path.exists(path) and os.path.dirname(path) != path:
+        path = os.path.dirname(path)
+    try:
+        return shutil.disk_usage(path).free
+    except OSError:
+        return None
+
+
+def checkpoint_bytes(model: torch.nn.Module, last_file: int) -> int:
+    """What the next checkpoint will take: the last one's size, or before the first, the
+    model's tensors twice (weights and SGD momentum), with 10% to spare."""
+    if last_file:
+        return int(last_file * 1.1)
+    tensors = [*model.parameters(), *model.buffers()]
+    return int(2.2 * sum(t.numel() * t.element_size() for t in tensors))
 
 
 def quiet_ray_train_reports() -> None:
@@ -229,7 +253,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
 
     Stored videos that fail their checksums or do not decode are skipped by the samplers and
     counted here (metric ``bad_videos``, the run's ``bad_videos`` tag names them); an epoch
-    with more than ``cfg.max_bad_videos`` is the last (metric ``stopped_bad_videos``)."""
+    with more than ``cfg.max_bad_videos``, or after which the next checkpoint would not fit
+    on a local storage path, is the last (:func:`stop_reason`, the run's ``stopped`` tag)."""
     import ray.train
     import ray.train.torch
     from ray.train import Checkpoint
@@ -286,6 +311,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     class_names = config["class_names"]
     dataset = config.get("dataset") or {}
     score = float(state["metrics"].get(SCORE, 0.0)) if state is not None else 0.0
+    last_checkpoint = 0  # bytes of the last checkpoint written (0: none yet)
     decoder = None
     if cfg.decode == "device":
         decoder = DeviceClipDecoder(train_clip_spec(cfg), device)
@@ -313,7 +339,11 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         # Sum the workers' counts, then form the metrics.
         bad = missing_videos(epoch_ids(cfg, inputs, epoch, rank, world), keys)
         names = sorted(stats.correct)
-        counts = [stats.loss, stats.videos, stats.chunks, stats.seconds, len(bad)]
+        # rank 0 writes the checkpoint: is there room for it? (decided with the others' sums,
+        # so that every worker stops at the same epoch)
+        room = free_bytes(config.get("run_dir", "")) if rank == 0 else None
+        short = room is not None and room < checkpoint_bytes(net, last_checkpoint)
+        counts = [stats.loss, stats.videos, stats.chunks, stats.seconds, len(bad), short]
         sums = all_reduce_sum(np.array([*counts, *[stats.correct[k] for k in names]]), device)
         videos = max(sums[1], 1.0)
         metrics: dict[str, float] = {
@@ -324,7 +354,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             "updates": float(stats.updates),
             "start_epoch": float(start_epoch),  # > 1 after a restore from a checkpoint
         }
-        for k, c in zip(names, sums[5:]):
+        for k, c in zip(names, sums[6:]):
             metrics[f"train_clip_acc_{k}"] = c / videos
         bad_train = int(sums[4])
         bad = gather_names(bad) if bad_train else []
@@ -354,40 +384,67 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             bad_test = int(config.get("num_test", 0)) - int(metrics["test_videos"])
             metrics[BAD_VIDEOS] = float(bad_train + max(0, bad_test))
         metrics.setdefault(BAD_VIDEOS, float(bad_train))
-        stop = metrics[BAD_VIDEOS] > cfg.max_bad_videos
-        if stop:
-            metrics[STOPPED] = 1.0
+        # every worker sees the same sums: all of them stop at the same epoch
+        stop = stop_reason(cfg, epoch, metrics, bad, room if sums[5] else None, config, rank)
         metrics[SCORE] = score  # the latest evaluation's (checkpoints are ranked by it)
         metrics = {k: float(v) for k, v in metrics.items()}  # plain floats: weights_only loads
 
         with tempfile.TemporaryDirectory() as tmp:
             checkpoint = None
-            if rank == 0:
+            if rank == 0 and not sums[5]:  # no room: stop before writing half a checkpoint
+                path = os.path.join(tmp, CHECKPOINT_FILE)
                 torch.save(
                     checkpoint_state(
                         net, optimizer, scheduler, epoch, cfg, metrics, class_names, dataset
                     ),
-                    os.path.join(tmp, CHECKPOINT_FILE),
+                    path,
                 )
+                last_checkpoint = os.path.getsize(path)
                 checkpoint = Checkpoint.from_directory(tmp)
+            if rank == 0:
                 tracking.log_metrics(uri, run_id, metrics, step=epoch)
-                if metrics[BAD_VIDEOS]:
-                    report_bad_videos(uri, run_id, epoch, metrics, bad)
                 if epoch == cfg.epochs and confusions is not None:
                     tracking.log_evaluation(uri, run_id, confusions, class_names)
+                if stop:  # what the driver says when the run ends (stm.train.run)
+                    tracking.set_tags(uri, run_id, {STOPPED: stop})
                 log.info("%s", epoch_line(metrics, cfg.epochs))
             ray.train.report(metrics, checkpoint=checkpoint)
-        if stop:  # every worker sees the same sum: all of them stop here (finish() fails the run)
+        if stop:
             break
 
 
-def report_bad_videos(
-    uri: str, run_id: str, epoch: int, metrics: dict[str, float], train_names: list[str]
-) -> None:
-    """One warning and the run's ``bad_videos`` tag: how many stored videos an epoch skipped
-    and which training ones (test videos are named in the Ray Data workers' warnings)."""
+def stop_reason(
+    cfg: TrainConfig,
+    epoch: int,
+    metrics: dict[str, float],
+    bad_names: list[str],
+    room: int | None,
+    config: dict[str, Any],
+    rank: int,
+) -> str:
+    """Why the run stops after this epoch, as the one line its driver will print ("" when it
+    goes on): more than ``--max-bad-videos`` stored videos skipped (logged, and named in the
+    run's ``bad_videos`` tag, whatever the bound), or ``room`` bytes free where the next
+    checkpoint would not fit (None: it fits)."""
     count = int(metrics[BAD_VIDEOS])
-    named = ", ".join(train_names[:10]) + (" ..." if len(train_names) > 10 else "")
-    text = f"epoch {epoch}: {count} stored videos skipped" + (f" ({named})" if named else "")
-    log.warning("%s: their JPEGs fail their checksums or do not decode", text)
-    tracking.set_tags(uri, run_id, {BAD_VIDEOS: text})
+    named = ", ".join(bad_names[:10]) + (" ..." if len(bad_names) > 10 else "")
+    skipped = f"epoch {epoch}: {count} stored videos skipped" + (f" ({named})" if named else "")
+    if count:
+        log.warning("%s: their JPEGs fail their checksums or do not decode", skipped)
+        if rank == 0:
+            tracking.set_tags(config["tracking_uri"], config["run_id"], {BAD_VIDEOS: skipped})
+    resume = f"then continue with --resume --name {cfg.name}"
+    if room is not None:
+        return (
+            f"stopped after epoch {epoch}: the storage path {config.get('run_dir')} has "
+            f"{room / 2**20:.0f} MiB free, too little for the next checkpoint (nothing was "
+            f"written); make room, {resume}"
+        )
+    if count > cfg.max_bad_videos:
+        return (
+            f"stopped: {skipped}, more than --max-bad-videos {cfg.max_bad_videos}; their JPEGs "
+            "fail their checksums or do not decode. Repair the dataset with python "
+            f"jobs/preprocess.py --verify --out {cfg.data} (and the options that made it), "
+            f"{resume}"
+        )
+    return ""

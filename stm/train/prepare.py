@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -141,24 +142,50 @@ def check_manifest(data: str, repair: str) -> None:
         )
 
 
-def check_gpus(cfg: TrainConfig) -> None:
-    """GPUs the cluster cannot give: one line on a single machine (it would wait forever), a
-    warning on a cluster whose autoscaler may still add GPU nodes."""
+GPU_WAIT_S = 900.0  # how long an autoscaler that can add the GPUs a run needs gets to add them
+UNKNOWN = -1.0  # _most_gpus: what the cluster can reach cannot be told
+
+
+def check_gpus(cfg: TrainConfig, wait_s: float = GPU_WAIT_S) -> None:
+    """GPUs the cluster cannot give are one line, never an endless wait: at once on a machine
+    or a cluster without an autoscaler, or whose autoscaler cannot reach them; after
+    ``wait_s`` when an autoscaler could but has not added them."""
     import ray
 
     need = cfg.num_workers * cfg.gpus_per_worker
     have = ray.cluster_resources().get("GPU", 0.0)
     if need <= have:
         return
-    nodes = [n for n in ray.nodes() if n.get("Alive")]
-    if len(nodes) == 1 and nodes[0].get("Resources", {}).get("CPU", 0) > 0:
-        raise UsageError(
-            f"--num-workers {cfg.num_workers} x --gpus-per-worker {cfg.gpus_per_worker:g} need "
-            f"{need:g} GPUs; this machine's Ray has {have:g}"
-        )
-    log.warning(
-        "waiting for %g GPUs: the cluster has %g now (an autoscaler may add nodes)", need, have
-    )
+    workers, each = cfg.num_workers, cfg.gpus_per_worker
+    what = f"--num-workers {workers} x --gpus-per-worker {each:g} need {need:g} GPUs"
+    most = _most_gpus()
+    if most is None:  # nothing will add GPUs
+        nodes = [n for n in ray.nodes() if n.get("Alive")]
+        where = "this machine's Ray" if len(nodes) == 1 else f"this cluster of {len(nodes)} nodes"
+        raise UsageError(f"{what}; {where} has {have:g} and no autoscaler to add more")
+    if most != UNKNOWN and most < need:
+        raise UsageError(f"{what}; this cluster's autoscaler can reach at most {most:g}")
+    log.warning("waiting up to %.0f s for %g GPUs: the cluster has %g now", wait_s, need, have)
+    deadline = time.monotonic() + wait_s
+    while time.monotonic() < deadline:
+        time.sleep(min(5.0, max(0.0, deadline - time.monotonic())))
+        have = ray.cluster_resources().get("GPU", 0.0)
+        if need <= have:
+            return
+    raise UsageError(f"{what}; after {wait_s:.0f} s the cluster still has {have:g}")
+
+
+def _most_gpus() -> float | None:
+    """The most GPUs the cluster's autoscaler can reach (its node types' maxima), None when it
+    has no autoscaler, ``UNKNOWN`` when Ray does not say (a private API of Ray 2.60, the one
+    Ray Train's worker group checks)."""
+    try:
+        from ray._private.state import state
+
+        most = state.get_max_resources_from_cluster_config()
+    except Exception:  # noqa: BLE001 - another Ray version: assume an autoscaler may add them
+        return UNKNOWN
+    return None if most is None else float(most.get("GPU", 0))
 
 
 def warn_if_not_shared(cfg: TrainConfig, uri: str) -> None:

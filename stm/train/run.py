@@ -17,7 +17,7 @@ from stm.config import TrainConfig, UsageError, to_dict
 from stm.storage import join, resolve
 from stm.train import tracking
 from stm.train.ingest import build_datasets, data_config, train_inputs
-from stm.train.loop import BAD_VIDEOS, SCORE, STOPPED, train_loop_per_worker
+from stm.train.loop import SCORE, STOPPED, train_loop_per_worker
 from stm.train.prepare import (
     PreparedData,
     check_gpus,
@@ -26,7 +26,13 @@ from stm.train.prepare import (
     prepare_data,
     warn_if_not_shared,
 )
-from stm.train.runs import check_storage, open_run, resumed_config, storage_root
+from stm.train.runs import (
+    check_storage,
+    open_run,
+    remove_unrecorded_checkpoints,
+    resumed_config,
+    storage_root,
+)
 
 log = logging.getLogger(__name__)
 
@@ -85,12 +91,16 @@ def run_training(
     init, source = initial_state(data.cfg, uri)
     tracking.close_orphans(uri, cfg.experiment)  # runs whose drivers were killed
     cfg, run_id = open_run(data, uri, resume, source, parent_run_id, tags)
+    run_dir = join(storage_root(cfg), cfg.name)
+    tracking.delete_tag(uri, run_id, STOPPED)  # a resumed run's earlier stop is mended
     try:
         result = fit(cfg, data, uri, run_id, init, callbacks)
         best, registered = finish(cfg, uri, run_id, result)
     except BaseException as err:
+        err = failure(cfg, run_dir, err)
         tracking.fail_run(uri, run_id, err)
-        raise
+        remove_unrecorded_checkpoints(run_dir)  # what a failed upload left half-written
+        raise err from None
     return RunSummary(
         name=cfg.name,
         run_id=run_id,
@@ -121,6 +131,7 @@ def fit(
         "cfg": to_dict(cfg),
         "num_train": data.num_train,
         "num_test": data.num_test,
+        "run_dir": join(storage_root(cfg), cfg.name),  # where the checkpoints go
         "train_inputs": train_inputs(cfg),  # the shard files and training ids, listed once
         "class_names": data.classes,
         "dataset": data.dataset,
@@ -165,18 +176,34 @@ def _ray_storage(storage: str) -> dict[str, Any]:
     return {"storage_path": path, "storage_filesystem": filesystem}
 
 
-def check_bad_videos(cfg: TrainConfig, uri: str, run_id: str, metrics: dict[str, Any]) -> None:
-    """A run that stopped at ``--max-bad-videos``: one line naming the videos and the repair
-    (its checkpoints are kept: rerun with ``--resume`` once the dataset is repaired)."""
-    if not metrics.get(STOPPED):
-        return
-    named = tracking.run_tags(uri, run_id).get(BAD_VIDEOS, "")
-    raise UsageError(
-        f"stopped: {named or f'{int(metrics[BAD_VIDEOS])} stored videos skipped'}, more than "
-        f"--max-bad-videos {cfg.max_bad_videos}; their JPEGs fail their checksums or do not "
-        f"decode. Repair the dataset with python jobs/preprocess.py --verify --out {cfg.data} "
-        "(and the options that made it), then continue with --resume"
+class TrainingFailed(RuntimeError):
+    """A run that Ray Train gave up on (after ``--max-failures`` restarts): one line, exit 1."""
+
+
+def failure(cfg: TrainConfig, run_dir: str, err: BaseException) -> BaseException:
+    """Ray Train's error as one line: the first worker's exception, what was kept and how to
+    continue. Other errors are returned as they are."""
+    from ray.train import TrainingFailedError
+
+    if not isinstance(err, TrainingFailedError):
+        return err
+    causes = getattr(err, "worker_failures", None) or {}
+    cause = next(iter(causes.values()), None) or getattr(err, "controller_failure", None) or err
+    lines = [ln.strip() for ln in str(cause).splitlines() if ln.strip()]
+    text = next((ln for ln in reversed(lines) if "Error" in ln), lines[-1] if lines else "")
+    return TrainingFailed(
+        f"run {cfg.name} failed after {max(cfg.max_failures, 0)} restarts: {text[:300]}; its "
+        f"checkpoints are kept in {run_dir}: continue with --resume --name {cfg.name}"
     )
+
+
+def check_stopped(uri: str, run_id: str) -> None:
+    """A run that stopped itself (``stm.train.loop.stop_reason``: too many bad videos, or no
+    room for a checkpoint) fails with the line the loop left in its ``stopped`` tag. Its
+    checkpoints are kept: ``--resume`` continues it once the cause is mended."""
+    reason = tracking.run_tags(uri, run_id).get(STOPPED)
+    if reason:
+        raise UsageError(reason)
 
 
 def finish(cfg: TrainConfig, uri: str, run_id: str, result: Any) -> tuple[str, str]:
@@ -185,7 +212,7 @@ def finish(cfg: TrainConfig, uri: str, run_id: str, result: Any) -> tuple[str, s
     path and "NAME version N (alias ALIAS)" (or "")."""
     from stm.train import registry
 
-    check_bad_videos(cfg, uri, run_id, result.metrics or {})
+    check_stopped(uri, run_id)
     best, registered = "", ""
     if result.best_checkpoints:
         checkpoint, metrics = max(result.best_checkpoints, key=lambda cm: cm[1].get(SCORE, -1.0))

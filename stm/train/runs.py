@@ -146,6 +146,31 @@ def has_checkpoint(run_dir: str) -> bool:
     return bool(text and "checkpoint_" in text)
 
 
+def remove_unrecorded_checkpoints(run_dir: str) -> list[str]:
+    """Delete the run's ``checkpoint_*`` folders that Ray Train's snapshot does not list: an
+    upload that failed (a full disk) leaves a half-written ``checkpoint.pt`` there, which
+    nothing reads but which holds the space. Returns the deleted paths; never raises."""
+    from pyarrow import fs as pafs
+
+    try:
+        filesystem, root = resolve(run_dir)
+        snapshot = read_text(join(run_dir, CHECKPOINT_SNAPSHOT)) or ""
+        entries = filesystem.get_file_info(pafs.FileSelector(root, allow_not_found=True))
+        removed = []
+        for e in entries:
+            name = e.path.rstrip("/").rsplit("/", 1)[-1]
+            dead = name.startswith("checkpoint_") and name not in snapshot
+            if e.type == pafs.FileType.Directory and dead:
+                filesystem.delete_dir(e.path)
+                removed.append(e.path)
+        if removed:
+            log.warning("removed %d unfinished checkpoint folders: %s", len(removed), removed)
+        return removed
+    except OSError as err:
+        log.warning("could not clean %s: %s", run_dir, err)
+        return []
+
+
 def latest_checkpointed_run(storage: str) -> str:
     """The run under ``storage`` that wrote a checkpoint last ("" when none did)."""
     from pyarrow import fs as pafs

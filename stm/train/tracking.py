@@ -181,6 +181,13 @@ def run_tags(uri: str, run_id: str) -> dict[str, str]:
     return dict(mlflow_client(uri).get_run(run_id).data.tags)
 
 
+def delete_tag(uri: str, run_id: str, key: str) -> None:
+    """Remove a run's tag if it has it."""
+    client = mlflow_client(uri)
+    if key in client.get_run(run_id).data.tags:
+        client.delete_tag(run_id, key)
+
+
 def confusion_figure(confusion: np.ndarray, class_names: list[str], title: str):
     """A confusion-matrix figure (rows: true class, columns: predicted), row-normalised."""
     import matplotlib
