@@ -38,6 +38,7 @@ import platform
 import sys
 import tempfile
 import time
+import zlib
 from pathlib import Path
 
 import cv2
@@ -238,6 +239,24 @@ def run_staged(rows, read_s, args, label, frames_of=lambda _, row: FrameCache(ro
     return rate
 
 
+def checksum_cost(rows) -> None:
+    """What the integrity check adds to a decode: crc32 of a JPEG (``shards.check_jpeg``, which
+    every ``FrameCache`` read runs, included in the decode stage above) against decoding it."""
+    jpegs = [row[c][k] for row in rows for c in (RGB, FLOW_U) for k in range(len(row[c]))]
+    start = time.perf_counter()
+    for j in jpegs:
+        zlib.crc32(j)
+    crc = (time.perf_counter() - start) / len(jpegs)
+    start = time.perf_counter()
+    for j in jpegs:
+        cv2.imdecode(np.frombuffer(j, np.uint8), cv2.IMREAD_UNCHANGED)
+    dec = (time.perf_counter() - start) / len(jpegs)
+    print(
+        f"checksums: crc32 {1e6 * crc:.1f} us per JPEG against {1e6 * dec:.1f} us to decode it "
+        f"({100 * crc / dec:.1f}% of the decode; {len(jpegs)} RGB and flow-u JPEGs)"
+    )
+
+
 # --- alternatives -------------------------------------------------------------------------------
 
 
@@ -423,6 +442,7 @@ def main(argv: list[str] | None = None) -> None:
     results = {}
     if "stages" in args.modes:
         results["jpeg"] = run_staged(rows, read_s, args, "stages (JPEG flow, full decode)")
+        checksum_cost(rows)
     if "sampler" in args.modes:
         spec = clip_spec(args)
         start = time.perf_counter()

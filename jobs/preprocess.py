@@ -5,14 +5,20 @@
     python jobs/preprocess.py --source folder --root VIDEOS --out OUT      # VIDEOS/<class>/<video>
     python jobs/preprocess.py --source synthetic --out OUT [--num-videos N] [--seed S]
 
-OUT may be a URI (s3://bucket/prefix). Rerun the same command after an interruption: finished
-videos are kept, the rest is done; videos that failed are redone only with --retry-failed.
+OUT may be a URI (s3://bucket/prefix); one that cannot be reached is one line before any work.
+Rerun the same command after an interruption: finished videos are kept, the rest is done; videos
+that failed are redone only with --retry-failed, except those that failed for a reason not about
+the video (status retry: a lost task, a full disk, out of memory, a network error), which a plain
+rerun processes again. --verify first checks every stored JPEG against its checksum and processes
+the videos that fail again. One run per OUT at a time: a run holds OUT/_preprocess.lock (host,
+pid, heartbeat) and a second one stops with one line naming the holder; a dead run's lock is
+taken over.
 Exit status: 0 when at most --max-failures of the videos failed, 1 otherwise, 2 for a usage error.
 
-Output: OUT/shards/*.parquet (one row per video: RGB JPEGs, flow u/v JPEGs, label, splits),
-OUT/manifest/*.parquet (one row per input video: ok | failed with the reason), OUT/classes.json,
-OUT/dataset.json. The folder source has one split: a video is in the test set when a hash of its
-group (the id without a UCF-style "_cNN" clip suffix) falls in the bottom 20%.
+Output: OUT/shards/*.parquet (one row per video: RGB JPEGs, flow u/v JPEGs, their crc32s, label,
+splits), OUT/manifest/*.parquet (one row per input video: ok | failed | retry, with the reason),
+OUT/classes.json, OUT/dataset.json. The folder source has one split: a video is in the test set
+when a hash of its group (the id without a UCF-style "_cNN" clip suffix) falls in the bottom 20%.
 """
 
 from __future__ import annotations

@@ -903,3 +903,26 @@ def test_train_job_runs_on_both_nodes_into_the_home_and_predict_uses_its_best_mo
     assert len([ln for ln in proc.stdout.splitlines() if re.match(r"^ ?\d\. ", ln)]) == 5
     assert not list(other.iterdir()), "predict wrote into the working directory"
     print(f"train job: {seconds:.0f} s")
+
+
+@pytest.mark.slow
+def test_gpus_the_cluster_cannot_give_are_one_line_not_a_wait(two_nodes, preprocessed):
+    """Two CPU nodes and no autoscaler: a run asking for GPUs fails at once with one line."""
+    job_id = f"stm-gpus-{uuid.uuid4().hex[:8]}"
+    args = [
+        "jobs/train.py", "--data", str(preprocessed[0]), "--init", "scratch",
+        "--gpus-per-worker", "1", "--num-workers", "2", "--name", "no-gpus",
+    ]  # fmt: skip
+    cmd = [
+        two_nodes.ray, "job", "submit", "--address", two_nodes.dashboard,
+        "--submission-id", job_id, "--working-dir", ".",
+        "--entrypoint-resources", json.dumps({"head_node": 1}), "--", "python", *args,
+    ]  # fmt: skip
+    proc = _run(cmd, two_nodes.env, timeout=300)
+    assert proc.returncode != 0
+    logs = _run(
+        [two_nodes.ray, "job", "logs", "--address", two_nodes.dashboard, job_id], two_nodes.env, 60
+    )
+    lines = [ln for ln in logs.stdout.splitlines() if ln.startswith("train.py: error")]
+    assert len(lines) == 1, logs.stdout[-3000:]
+    assert "need 2 GPUs; this cluster of 2 nodes has 0 and no autoscaler to add more" in lines[0]

@@ -26,7 +26,7 @@ def _job(script: str, args: list[str], cwd: Path) -> subprocess.CompletedProcess
         env=env,
         capture_output=True,
         text=True,
-        timeout=180,
+        timeout=600,
     )
 
 
@@ -173,3 +173,19 @@ def test_ray_train_failures_are_one_line_and_half_written_checkpoints_go(tmp_pat
     removed = remove_unrecorded_checkpoints(str(tmp_path))
     assert [Path(p).name for p in removed] == ["checkpoint_2026-01-01_00-01-00.2"]
     assert (tmp_path / "checkpoint_2026-01-01_00-00-00.1" / "checkpoint.pt").exists()
+
+
+def test_unreachable_or_malformed_object_store_uris_are_one_line(synthetic, tmp_path, monkeypatch):
+    """s3:// at --data and --storage-path when nothing answers (a closed local port stands in
+    for an unreachable or forbidden bucket), and a URI pyarrow cannot parse."""
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "stm-test")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "stm-test")
+    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
+    closed = "s3://bucket/x?endpoint_override=127.0.0.1:9&scheme=http"
+    common = ["--init", "scratch", "--mlflow-uri", f"sqlite:///{tmp_path / 'm.db'}"]
+    for args, message in (
+        (["--data", closed], f"--data {closed}: cannot be read: "),
+        (["--data", "s3://bucket/x?bogus=1"], "Unexpected query parameter in S3 URI: 'bogus'"),
+        (["--data", synthetic, "--storage-path", closed], f"--storage-path {closed}: "),
+    ):
+        _one_line(_job("train.py", [*common, *args], tmp_path), "train.py", message)

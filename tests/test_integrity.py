@@ -5,7 +5,10 @@ line. Real shards, a real local Ray, real Ray Train workers (two, DDP) and a rea
 
 from __future__ import annotations
 
+import os
 import shutil
+import subprocess
+import sys
 import zlib
 from pathlib import Path
 
@@ -14,7 +17,6 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
-from test_errors import _job  # tests/test_errors.py
 from test_train_job import SMOKE_FLAGS, mlflow_client  # tests/test_train_job.py
 
 from stm.data import shards as S
@@ -22,7 +24,19 @@ from stm.data.clips import VIDEO_KEY, FrameCache, TrainClipSpec, train_batch, vi
 from stm.data.device_clips import plan_train_batch
 from stm.train.loop import fixed_steps, missing_videos
 
-from tiny import own_lines  # tests/tiny.py
+from tiny import ROOT, own_lines  # tests/tiny.py
+
+
+def _job(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
+    """``python jobs/train.py ARGS`` on its own local Ray, to its end."""
+    return subprocess.run(
+        [sys.executable, str(ROOT / "jobs" / "train.py"), *args],
+        cwd=cwd,
+        env=dict(os.environ, RAY_ADDRESS="local"),
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
 
 
 def _flip_bytes(jpeg: bytes) -> bytes:
@@ -134,7 +148,7 @@ def test_training_skips_names_and_counts_bad_videos_then_stops_past_the_bound(co
     data, a, b = corrupted
     common = [*SMOKE_FLAGS, "--data", str(data), "--storage-path", str(tmp_path / "runs")]
     common += ["--mlflow-uri", f"sqlite:///{tmp_path / 'mlflow.db'}", "--model-name", ""]
-    proc = _job("train.py", [*common, "--name", "within", "--epochs", "1"], tmp_path)
+    proc = _job([*common, "--name", "within", "--epochs", "1"], tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert f"skipping video {a}: rgb[" in proc.stderr and "does not match its checksum" in (
         proc.stderr
@@ -147,7 +161,7 @@ def test_training_skips_names_and_counts_bad_videos_then_stops_past_the_bound(co
     assert run.data.metrics["bad_videos"] == 2
     assert sorted([a, b]) == sorted(n for n in (a, b) if n in run.data.tags["bad_videos"])
 
-    proc = _job("train.py", [*common, "--name", "stops", "--max-bad-videos", "1"], tmp_path)
+    proc = _job([*common, "--name", "stops", "--max-bad-videos", "1"], tmp_path)
     lines = [ln for ln in proc.stderr.splitlines() if ln.startswith("train.py: error")]
     assert proc.returncode == 2 and len(lines) == 1, proc.stderr[-3000:]
     assert "stopped: epoch 1: 2 stored videos skipped" in lines[0] and a in lines[0]

@@ -3,21 +3,37 @@
 The driver lists the input videos, works out what earlier runs already finished, cuts the rest
 into groups of ``videos_per_shard`` and streams the groups through a pool of flow actors (one CPU
 and one OpenCV thread each, so N cores work on N videos). Each actor decodes its group's videos,
-computes flow, encodes JPEGs and writes the group's shard file and then its manifest part straight
-to ``OUT`` (local disk or ``s3://...`` through pyarrow), each atomically and under a name derived
-from the group's video ids. The driver only sees one small result row per video.
+computes flow, encodes JPEGs and streams each video into the group's shard file as its own row
+group as soon as it is done (so an actor holds one video's row at a time), then writes the
+group's manifest part, straight to ``OUT`` (local disk or ``s3://...`` through pyarrow), each
+appearing only once complete and under a name derived from the group's video ids. The driver
+only sees one small result row per video.
 
 Resume: a video is done when a shard holds it (ok) or a manifest part says it failed. On start the
 driver deletes temp leftovers, sets unreadable files aside, removes duplicates and repairs the
 manifest from the shards (a kill between a shard and its manifest part loses nothing); then only
 the videos not done are processed. Killing the driver or a worker at any moment is safe: Ray
 retries a lost group on another actor (same file names), and a rerun picks up where it stopped.
-One job per ``OUT`` at a time.
+
+Failures: a video that cannot be processed (it does not decode, ...) is recorded as ``failed`` and
+redone only with ``--retry-failed``; one that failed for a reason not about the video (its group's
+task was lost, a full disk, out of memory, a network error: ``failure_status``) is recorded as
+``retry``, counts as failed in the run's summary, and a plain rerun processes it again.
+
+``--verify`` first checks every row of every shard (one Ray task per shard file,
+``shards.row_problem``: every JPEG against its checksum), removes the videos that fail from their
+shards and processes them again.
+
+One run per ``OUT`` at a time: a run holds ``OUT/_preprocess.lock`` (host, pid, start, a heartbeat
+refreshed every 30 s) and a second run refuses to start while it is live; a lock whose pid is gone
+(same host) or whose heartbeat is older than 5 minutes is taken over.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import errno
 import hashlib
 import json
 import logging
@@ -44,11 +60,13 @@ from stm.data.decode import DecodeError, VideoReader, resized_shape
 from stm.data.flow import consecutive_pairs, iter_flows, make_estimator, quantize_flow
 from stm.data.sources import Listing, VideoItem, list_videos
 from stm.data.synthetic import generate_synthetic
+from stm.locks import RunLock, first_line
 
 logger = logging.getLogger(__name__)
 
 __all__ = [
     "PreprocessSummary",
+    "failure_status",
     "flow_actor_pool",
     "process_video",
     "process_video_sparse",
@@ -58,6 +76,7 @@ __all__ = [
 MAX_BLOCKS = 1000  # cap on Ray Data blocks (each block holds one or more groups)
 MAX_TASK_RETRIES = 3  # a killed actor is restarted and its group retried, 3 times at most
 LOST_REASON = "no result: the task of its group failed (see the Ray logs)"
+LOCK_FILE = "_preprocess.lock"  # OUT/_preprocess.lock: the run working on OUT (stm.locks.RunLock)
 
 
 @dataclass
@@ -79,6 +98,9 @@ class PreprocessSummary:
     max_failures: float = 0.01
     worker_seconds: float = 0.0  # summed over videos: decode + flow + JPEG + write, in the actors
     worker_cpu_seconds: float = 0.0  # the CPU time of the same (the actor process, all threads)
+    retry: int = 0  # of the failed: status retry (not about the video: a plain rerun redoes them)
+    verified: int | None = None  # stored videos checked by --verify (None: no --verify)
+    verify_failed: int = 0  # of which failed verification: removed and processed again
 
     @property
     def failed_fraction(self) -> float:
@@ -96,6 +118,13 @@ class PreprocessSummary:
             f"videos ok {self.ok}, failed {self.failed} of {self.total} "
             f"({100 * self.failed_fraction:.1f}%, limit {100 * self.max_failures:.1f}%); "
         )
+        if self.verified is not None:
+            text += f"verified {self.verified} stored videos: "
+            if self.verify_failed:
+                were = "was" if self.verify_failed == 1 else "were"
+                text += f"{self.verify_failed} failed verification and {were} processed again; "
+            else:
+                text += "all intact; "
         if self.processed:
             text += (
                 f"this run: {self.processed} videos, {self.frames} frames, {rate:.1f} frames/s "
@@ -104,9 +133,17 @@ class PreprocessSummary:
             )
         else:
             text += f"nothing left to do ({self.skipped} already done); "
+            if self.verified is None:
+                text += "--verify checks every stored JPEG against its checksum; "
         text += f"shards: {self.shards}"
-        if self.failed:
+        if self.failed and not self.retry:
             text += f"; failures: {self.manifest} (status = 'failed')"
+        elif self.failed:
+            text += (
+                f"; failures: {self.manifest} (status = 'failed' or 'retry'); {self.retry} "
+                "failed for reasons not about the video (status = 'retry'): a plain rerun "
+                "processes them again"
+            )
         return text
 
 
@@ -309,40 +346,113 @@ def process_group(
     jpeg_quality: int,
     max_long_side: int = MAX_LONG_SIDE,
 ) -> list[dict]:
-    """Process a group of videos; write its shard file, then its manifest part; return results.
+    """Process a group of videos into its shard file, then write its manifest part; return
+    the results.
 
-    Per-video errors become failed rows (a failing video never fails the group). Each result
-    carries the wall and CPU seconds of its video; the last one also those of the writes.
+    Each ok video is written to the shard as its own row group as soon as it is processed
+    (``shards.ParquetStreamWriter``; the shard appears only once complete), so at most one
+    video's row is held. A per-video error becomes a failed row, or a retry row when it is not
+    about the video (``failure_status``): a failing video never fails the group. When the shard
+    cannot be written (a full disk, a network error), the group's ok videos and the ones not
+    processed yet become retry rows. Each result carries the wall and CPU seconds of its video
+    (and its write); the last one also those of the shard's commit and the manifest part.
     """
-    rows, results = [], []
+    results: list[dict] = []
+    shard = S.ParquetStreamWriter(fs, posixpath.join(root, S.SHARDS_DIR, name))
+    write_error = ""  # why the shard could not be written
     for item in videos:
         start, cpu = time.perf_counter(), time.process_time()
-        try:
-            rows.append(
-                process_video(item, estimator, short_side, max_frames, jpeg_quality, max_long_side)
-            )
-            status, error, frames = S.STATUS_OK, "", rows[-1][S.NUM_FRAMES]
-        except Exception as e:  # noqa: BLE001 - any per-video error is recorded, not raised
-            status, error, frames = S.STATUS_FAILED, _one_line(e), 0
-            logger.warning("%s failed: %s", item["video_id"], error)
+        status, error, frames, table = S.STATUS_OK, "", 0, None
+        if write_error:
+            status, error = S.STATUS_RETRY, write_error  # no shard to put it in: not processed
+        else:
+            try:
+                row = process_video(
+                    item, estimator, short_side, max_frames, jpeg_quality, max_long_side
+                )
+                frames = row[S.NUM_FRAMES]
+                table = S.shard_rows([row])
+                del row  # the table holds a copy of its bytes
+            except Exception as e:  # noqa: BLE001 - any per-video error is recorded, not raised
+                status, error = failure_status(e), _one_line(e)
+                logger.warning("%s failed: %s", item["video_id"], error)
+        if table is not None:
+            try:
+                shard.write(table)
+            except Exception as e:  # noqa: BLE001 - recorded as retry rows for the whole group
+                write_error = f"the shard could not be written: {_one_line(e)}"
+                logger.warning("%s: %s", name, write_error)
+                shard.abort()
+            del table
         results.append(
             {
                 S.VIDEO_ID: item["video_id"],
                 S.STATUS: status,
                 S.ERROR: error,
-                S.SHARD: name if status == S.STATUS_OK else "",
+                S.SHARD: "",
                 "num_frames": frames,
                 "seconds": time.perf_counter() - start,
                 "cpu_seconds": time.process_time() - cpu,
             }
         )
     start, cpu = time.perf_counter(), time.process_time()
-    if rows:
-        S.write_table_atomic(fs, posixpath.join(root, S.SHARDS_DIR, name), S.shard_rows(rows))
+    if not write_error:
+        try:
+            shard.commit()
+        except Exception as e:  # noqa: BLE001 - recorded as retry rows for the whole group
+            write_error = f"the shard could not be written: {_one_line(e)}"
+            logger.warning("%s: %s", name, write_error)
+    for r in results:
+        if r[S.STATUS] == S.STATUS_OK:
+            if write_error:
+                r[S.STATUS], r[S.ERROR] = S.STATUS_RETRY, write_error
+            else:
+                r[S.SHARD] = name
     _write_manifest(fs, root, name, results)
     results[-1]["seconds"] += time.perf_counter() - start
     results[-1]["cpu_seconds"] += time.process_time() - cpu
     return results
+
+
+# errno values of failures that are not about the video: no space or quota, no memory, too many
+# open files, a network or remote filesystem error
+TRANSIENT_ERRNOS = frozenset(
+    getattr(errno, name)
+    for name in (
+        "ENOSPC", "EDQUOT", "ENOMEM", "EMFILE", "ENFILE", "ETIMEDOUT", "ECONNRESET",
+        "ECONNREFUSED", "ECONNABORTED", "ENETDOWN", "ENETUNREACH", "ENETRESET", "EHOSTDOWN",
+        "EHOSTUNREACH", "ESTALE", "EREMOTEIO",
+    )
+    if hasattr(errno, name)
+)  # fmt: skip
+# what pyarrow's object store errors (no errno) say when the network or the service failed
+TRANSIENT_MARKERS = (
+    "NETWORK_CONNECTION", "SLOW_DOWN", "THROTTLING", "SERVICE_UNAVAILABLE", "REQUEST_TIMEOUT",
+    "INTERNAL_FAILURE", "Connection reset", "Could not connect", "timed out",
+)  # fmt: skip
+
+
+def failure_status(error: BaseException) -> str:
+    """``STATUS_RETRY`` for a failure not about the video itself, else ``STATUS_FAILED``.
+
+    Not about the video: ``MemoryError``; ``ConnectionError`` and ``TimeoutError``; an
+    ``OSError`` whose errno is in ``TRANSIENT_ERRNOS`` (a full disk: ENOSPC, EDQUOT; a network
+    error) or, for an object store's error (no errno), whose message says the network or the
+    service failed (``TRANSIENT_MARKERS``). The exception's causes count too (a ``DecodeError``
+    raised from ENOMEM is out of memory, one raised from a missing file is the video's).
+    """
+    seen = 0
+    e: BaseException | None = error
+    while e is not None and seen < 10:
+        if isinstance(e, (MemoryError, ConnectionError, TimeoutError)):
+            return S.STATUS_RETRY
+        if isinstance(e, OSError):
+            if e.errno in TRANSIENT_ERRNOS:
+                return S.STATUS_RETRY
+            if e.errno is None and any(m in str(e) for m in TRANSIENT_MARKERS):
+                return S.STATUS_RETRY
+        e, seen = e.__cause__ or e.__context__, seen + 1
+    return S.STATUS_FAILED
 
 
 def _write_manifest(fs: pafs.FileSystem, root: str, name: str, rows: Sequence[dict]) -> None:
@@ -363,22 +473,42 @@ def run_preprocess(cfg: PreprocessConfig) -> PreprocessSummary:
     """Preprocess ``cfg.source`` into ``cfg.out``; resume whatever an earlier run left.
 
     Uses the Ray instance that is already initialised, or starts a local one. Starts nothing when
-    every video is already done. Raises ``UsageError`` for bad arguments or inputs.
+    every video is already done (and no ``verify``). Holds ``OUT/_preprocess.lock`` while it runs
+    (``RunLock``). Raises ``UsageError`` for bad arguments or inputs, an unreachable ``--out``,
+    or another live run on the same ``OUT``.
     """
     start = time.perf_counter()
     _validate(cfg)
     fs, root = storage.resolve(cfg.out)
+    lock = RunLock(
+        fs, posixpath.join(root, LOCK_FILE), storage.join(cfg.out, LOCK_FILE), "--out", "preprocess"
+    )
+    lock.acquire()
+    try:
+        return _run_locked(cfg, fs, root, start)
+    finally:
+        lock.release()
+
+
+def _run_locked(
+    cfg: PreprocessConfig, fs: pafs.FileSystem, root: str, start: float
+) -> PreprocessSummary:
     cfg = _with_jpeg_quality(fs, root, cfg)
     listing = _listing(cfg)
     _check_and_write_metadata(fs, root, cfg, listing)
 
+    verified, corrupt = None, set()
+    if cfg.verify:  # before the repair: it makes the manifest agree with what remains
+        verified, corrupt = _verify(cfg, fs, root)
     shard_of = _repair(fs, root)  # video_id -> shard file name
     manifest = _manifest_status(fs, root)  # video_id -> (status, error)
     failed_before = {v for v, (status, _) in manifest.items() if status == S.STATUS_FAILED}
-    retry = failed_before if cfg.retry_failed else set()
-    if retry:
-        _rewrite_manifest(fs, root, shard_of, drop=retry)
-    done = set(shard_of) | (failed_before - retry)
+    drop = {v for v, (status, _) in manifest.items() if status == S.STATUS_RETRY}
+    if cfg.retry_failed:
+        drop |= failed_before
+    if drop:  # their rows go: the new results replace them
+        _rewrite_manifest(fs, root, shard_of, drop=drop)
+    done = set(shard_of) | (failed_before - drop)
     todo = [it for it in listing.items if it.video_id not in done]
     skipped = len(listing.items) - len(todo)
     logger.info(
@@ -397,13 +527,19 @@ def run_preprocess(cfg: PreprocessConfig) -> PreprocessSummary:
     stats = {}
     if todo:
         stats = _run_pipeline(cfg, fs, root, todo)
-        _repair(fs, root)
+        try:
+            _repair(fs, root)
+        except OSError as e:  # a full disk, a network error: the next run repairs it
+            logger.warning("could not tidy %s after the run (a rerun does): %s", cfg.out, e)
 
     summary = _summarise(fs, root, cfg, listing, skipped, len(todo) + len(missing), start)
-    summary = dataclasses.replace(summary, **stats)
-    info = storage.read_json(fs, posixpath.join(root, S.DATASET_FILE)) or {}
-    info["counts"] = {"videos": summary.total, "ok": summary.ok, "failed": summary.failed}
-    storage.write_json_atomic(fs, posixpath.join(root, S.DATASET_FILE), info)
+    summary = dataclasses.replace(summary, **stats, verified=verified, verify_failed=len(corrupt))
+    try:
+        info = storage.read_json(fs, posixpath.join(root, S.DATASET_FILE)) or {}
+        info["counts"] = {"videos": summary.total, "ok": summary.ok, "failed": summary.failed}
+        storage.write_json_atomic(fs, posixpath.join(root, S.DATASET_FILE), info)
+    except OSError as e:
+        logger.warning("could not record the counts in %s: %s", S.DATASET_FILE, e)
     logger.info("%s", summary.line())
     return summary
 
@@ -429,11 +565,21 @@ def _with_jpeg_quality(fs: pafs.FileSystem, root: str, cfg: PreprocessConfig) ->
 
 
 def _validate(cfg: PreprocessConfig) -> None:
-    """What the config cannot check by itself: that ``--out`` names a reachable place."""
+    """What the config cannot check by itself: that ``--out`` names a reachable place. A cheap
+    real access (the root's info; for a new dataset, making its folder) finds an unreachable or
+    forbidden object store, or an unwritable path, before any work."""
     try:
-        storage.resolve(cfg.out)
+        fs, root = storage.resolve(cfg.out)
     except (OSError, ValueError) as e:
-        raise UsageError(f"--out {cfg.out}: {' '.join(str(e).split())}") from e
+        raise UsageError(f"--out {cfg.out}: {first_line(e)}") from e
+    try:
+        kind = fs.get_file_info(root).type
+        if kind == pafs.FileType.NotFound:
+            fs.create_dir(root, recursive=True)
+        elif kind != pafs.FileType.Directory:
+            raise UsageError(f"--out {cfg.out}: not a folder")
+    except (OSError, pa.ArrowException) as e:
+        raise UsageError(f"--out {cfg.out}: {first_line(e)}") from e
 
 
 def _listing(cfg: PreprocessConfig) -> Listing:
@@ -498,8 +644,8 @@ def _check_and_write_metadata(
     storage.write_json_atomic(fs, posixpath.join(root, S.DATASET_FILE), info)
 
 
-def _failed_row(video_id: str, reason: str) -> dict:
-    return {S.VIDEO_ID: video_id, S.STATUS: S.STATUS_FAILED, S.ERROR: reason, S.SHARD: ""}
+def _failed_row(video_id: str, reason: str, status: str = S.STATUS_FAILED) -> dict:
+    return {S.VIDEO_ID: video_id, S.STATUS: status, S.ERROR: reason, S.SHARD: ""}
 
 
 GROWING_IN_FLIGHT = 2  # groups in flight per actor of a growing pool (flow_actor_pool)
@@ -553,8 +699,7 @@ def _run_pipeline(
     import ray
     from ray.util.annotations import RayDeprecationWarning
 
-    if not ray.is_initialized():  # RAY_ADDRESS or a `ray start` cluster, else a local instance
-        ray.init()
+    _ensure_ray()
     groups = [todo[i : i + cfg.videos_per_shard] for i in range(0, len(todo), cfg.videos_per_shard)]
     rows = [
         {
@@ -585,7 +730,7 @@ def _run_pipeline(
         ds = ds.flat_map(
             GroupWorker,
             fn_constructor_kwargs={
-                "out": cfg.out if "://" in cfg.out else os.path.abspath(cfg.out),
+                "out": _worker_out(cfg.out),
                 "flow": cfg.flow,
                 "short_side": cfg.resolved_short_side(),
                 "max_frames": cfg.max_frames,
@@ -606,18 +751,119 @@ def _run_pipeline(
     lost = [it for it in todo if it.video_id not in seen]
     if lost:
         logger.error("%d videos got no result (their group failed after retries)", len(lost))
-        _write_manifest(
-            fs,
-            root,
-            group_name([it.video_id for it in lost], "lost"),
-            [_failed_row(it.video_id, LOST_REASON) for it in lost],
-        )
+        rows = [_failed_row(it.video_id, LOST_REASON, S.STATUS_RETRY) for it in lost]
+        try:
+            _write_manifest(fs, root, group_name([it.video_id for it in lost], "lost"), rows)
+        except OSError as e:  # without rows they are still not done: a rerun processes them
+            logger.error("could not record them in the manifest: %s", first_line(e))
     return {
         "frames": frames,
         "pipeline_seconds": time.perf_counter() - start,
         "worker_seconds": busy,
         "worker_cpu_seconds": cpu,
     }
+
+
+def _ensure_ray() -> None:
+    import ray
+
+    if not ray.is_initialized():  # RAY_ADDRESS or a `ray start` cluster, else a local instance
+        ray.init()
+
+
+def _worker_out(out: str) -> str:
+    """``--out`` as Ray workers resolve it (they run in other directories)."""
+    return out if "://" in out else os.path.abspath(out)
+
+
+# --- --verify ----------------------------------------------------------------------------------
+def verify_shard(out: str, path: str) -> tuple[int, list[tuple[str, str]], str]:
+    """Check every row of shard file ``path`` of ``out`` (``shards.row_problem``), one row group
+    (one video) at a time: (rows checked, [(video_id, problem)], "" or why the file cannot be
+    read at all). A row group that cannot be read is a problem of its videos. A Ray task."""
+    fs, _ = storage.resolve(out)
+    try:
+        shard = pq.ParquetFile(path, filesystem=fs)
+    except (OSError, pa.ArrowException) as e:
+        return 0, [], _one_line(e)
+    with contextlib.closing(shard):
+        try:
+            groups = [
+                shard.read_row_group(i, columns=[S.VIDEO_ID])[S.VIDEO_ID].to_pylist()
+                for i in range(shard.num_row_groups)
+            ]
+        except (OSError, pa.ArrowException) as e:
+            return 0, [], _one_line(e)
+        checked, bad = 0, []
+        for i, ids in enumerate(groups):
+            checked += len(ids)
+            try:
+                rows = shard.read_row_group(i).to_pylist()
+            except (OSError, pa.ArrowException) as e:
+                bad += [(v, f"its row group cannot be read: {_one_line(e)}") for v in ids]
+                continue
+            for row in rows:
+                problem = S.row_problem(row)
+                if problem:
+                    bad.append((row[S.VIDEO_ID], problem))
+            del rows
+    return checked, bad, ""
+
+
+def _verify(cfg: PreprocessConfig, fs: pafs.FileSystem, root: str) -> tuple[int, set[str]]:
+    """``--verify``: check every stored row (one Ray task per shard file); remove the videos
+    that fail from their shards (rewritten atomically; deleted when none remain) and set
+    unreadable shards aside, so that they are processed again. Returns (videos checked, the
+    ids of those that failed)."""
+    import ray
+
+    files = S.list_parquet(fs, posixpath.join(root, S.SHARDS_DIR))
+    if not files:
+        return 0, set()
+    _ensure_ray()
+    task = ray.remote(num_cpus=1)(verify_shard)
+    out = _worker_out(cfg.out)
+    refs = [task.remote(out, path) for path in files]
+    logger.info("verifying the videos of %d shard files", len(files))
+    checked, failed = 0, set()
+    for path, ref in zip(files, refs):
+        name = posixpath.basename(path)
+        try:
+            n, bad, unreadable = ray.get(ref)
+        except Exception as e:  # noqa: BLE001 - its task died (after Ray's retries)
+            logger.error("could not verify %s (its videos are kept): %s", name, first_line(e))
+            continue
+        if unreadable:
+            _set_aside(fs, path, unreadable)  # its videos are processed again
+            continue
+        checked += n
+        for video_id, problem in bad:
+            logger.warning(
+                "%s in %s failed verification: %s (removed, to be processed again)",
+                video_id, name, problem,
+            )  # fmt: skip
+        drop = {v for v, _ in bad}
+        if drop:
+            _rewrite_without(fs, path, drop)
+            failed |= drop
+    logger.info("verified %d stored videos: %d failed", checked, len(failed))
+    return checked, failed
+
+
+def _rewrite_without(fs: pafs.FileSystem, path: str, drop: set[str]) -> None:
+    """Rewrite shard ``path`` without the rows of ``drop`` (atomically, one row group at a time,
+    never reading those rows); delete it when no row remains."""
+    writer = S.ParquetStreamWriter(fs, path, via_temp=True)
+    with contextlib.closing(pq.ParquetFile(path, filesystem=fs)) as shard, writer:
+        writer.schema = shard.schema_arrow
+        for i in range(shard.num_row_groups):
+            ids = shard.read_row_group(i, columns=[S.VIDEO_ID])[S.VIDEO_ID].to_pylist()
+            keep = [k for k, v in enumerate(ids) if v not in drop]
+            if keep:
+                table = shard.read_row_group(i)
+                writer.write(table if len(keep) == len(ids) else table.take(keep))
+    if not writer.rows:
+        fs.delete_file(path)
 
 
 # --- resume: make OUT consistent and find what is done -----------------------------------------
@@ -644,12 +890,8 @@ def _repair(fs: pafs.FileSystem, root: str) -> dict[str, str]:
         dups = [v for v in ids if v in shard_of]
         if dups:
             logger.warning("%s repeats %d videos of other shards: removing them", name, len(dups))
-            table = pq.read_table(path, filesystem=fs)
-            keep = [i for i, v in enumerate(ids) if v not in shard_of]
-            if keep:
-                S.write_table_atomic(fs, path, table.take(keep))
-            else:
-                fs.delete_file(path)
+            _rewrite_without(fs, path, set(dups))
+            if set(dups) >= set(ids):  # the file is gone
                 continue
         for v in ids:
             shard_of.setdefault(v, name)
@@ -665,7 +907,7 @@ def _read_ids(fs: pafs.FileSystem, path: str) -> list[str] | None:
         return None
 
 
-def _set_aside(fs: pafs.FileSystem, path: str, error: BaseException) -> None:
+def _set_aside(fs: pafs.FileSystem, path: str, error: BaseException | str) -> None:
     """Move an unreadable file to OUT/unreadable/ (its videos will be redone)."""
     head, name = posixpath.split(path)
     root, sub = posixpath.split(head)
@@ -675,20 +917,37 @@ def _set_aside(fs: pafs.FileSystem, path: str, error: BaseException) -> None:
     fs.move(path, target)
 
 
+# which row of a video counts when parts disagree: ok, then a definite failure, then retry
+_PRIORITY = {S.STATUS_OK: 0, S.STATUS_FAILED: 1, S.STATUS_RETRY: 2}
+
+
+def _priority(status: str) -> int:
+    return _PRIORITY.get(status, _PRIORITY[S.STATUS_FAILED])
+
+
 def _rewrite_manifest(
     fs: pafs.FileSystem, root: str, shard_of: dict[str, str], drop: set[str]
 ) -> None:
     """Make the manifest agree with the shards: one row per video; ok rows name the shard that
     holds the video; ok rows whose video no shard holds are removed (it will be redone); failed
-    rows of videos in ``drop`` are removed (retried). Adds rows for shard videos it lacks.
+    and retry rows of videos in ``drop`` are removed (to be processed again). Of a video's
+    other rows the first failed one is kept, else its first retry row. Adds rows for shard
+    videos it lacks.
     """
-    seen: set[str] = set()
+    parts = []
     for path in S.list_parquet(fs, posixpath.join(root, S.MANIFEST_DIR)):
         try:
-            rows = pq.read_table(path, filesystem=fs).to_pylist()
+            parts.append((path, pq.read_table(path, filesystem=fs).to_pylist()))
         except (OSError, pa.ArrowException) as e:
             _set_aside(fs, path, e)
-            continue
+    best: dict[str, int] = {}  # video_id -> the priority of its best row that stays
+    for _, rows in parts:
+        for row in rows:
+            vid, status = row[S.VIDEO_ID], row[S.STATUS]
+            if vid not in shard_of and status != S.STATUS_OK and vid not in drop:
+                best[vid] = min(best.get(vid, 99), _priority(status))
+    seen: set[str] = set()
+    for path, rows in parts:
         keep = []
         for row in rows:
             vid = row[S.VIDEO_ID]
@@ -696,8 +955,8 @@ def _rewrite_manifest(
                 continue
             if vid in shard_of:
                 row = {S.VIDEO_ID: vid, S.STATUS: S.STATUS_OK, S.ERROR: "", S.SHARD: shard_of[vid]}
-            elif row[S.STATUS] == S.STATUS_OK or vid in drop:
-                continue
+            elif vid not in best or _priority(row[S.STATUS]) != best[vid]:
+                continue  # an ok row without a shard, a row to drop, or a worse row
             keep.append(row)
             seen.add(vid)
         if keep == rows:
@@ -717,12 +976,13 @@ def _rewrite_manifest(
 
 
 def _manifest_status(fs: pafs.FileSystem, root: str) -> dict[str, tuple[str, str]]:
-    """video_id -> (status, error) from every manifest part."""
+    """video_id -> (status, error) from every manifest part: its ok row, else its first failed
+    row, else its first retry row."""
     status: dict[str, tuple[str, str]] = {}
     for path in S.list_parquet(fs, posixpath.join(root, S.MANIFEST_DIR)):
         table = pq.read_table(path, columns=[S.VIDEO_ID, S.STATUS, S.ERROR], filesystem=fs)
         for v, st, err in zip(*(table[c].to_pylist() for c in (S.VIDEO_ID, S.STATUS, S.ERROR))):
-            if status.get(v, ("",))[0] != S.STATUS_OK:
+            if v not in status or _priority(st) < _priority(status[v][0]):
                 status[v] = (st, err)
     return status
 
@@ -736,12 +996,21 @@ def _summarise(
     processed: int,
     start: float,
 ) -> PreprocessSummary:
+    """The counts from the manifest. Failed: status failed or retry, or no row at all (its
+    result could not be recorded: a plain rerun processes it, as a retry one)."""
     status = _manifest_status(fs, root)
-    ids = [it.video_id for it in listing.items]
-    ok = sum(1 for v in ids if status.get(v, ("",))[0] == S.STATUS_OK)
-    failures = [(v, status[v][1]) for v in ids if status.get(v, ("",))[0] == S.STATUS_FAILED]
+    ok, retry, failures = 0, 0, []
+    for v in (it.video_id for it in listing.items):
+        st, err = status.get(v, (S.STATUS_RETRY, "no result recorded (see the log)"))
+        if st == S.STATUS_OK:
+            ok += 1
+        elif st == S.STATUS_RETRY:
+            retry += 1
+            failures.append((v, f"{err} (status retry: a plain rerun processes it again)"))
+        else:
+            failures.append((v, err))
     return PreprocessSummary(
-        total=len(ids),
+        total=len(listing.items),
         ok=ok,
         failed=len(failures),
         skipped=skipped,
@@ -754,4 +1023,5 @@ def _summarise(
         manifest=storage.join(cfg.out, S.MANIFEST_DIR),
         failures=failures[:20],
         max_failures=cfg.max_failures,
+        retry=retry,
     )

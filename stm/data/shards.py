@@ -3,17 +3,20 @@
 A preprocessed dataset directory ``OUT`` holds:
 
 - ``OUT/shards/*.parquet``: one row per successfully processed video (columns below).
-- ``OUT/manifest/*.parquet``: one row per input video: ok or failed, with the reason.
+- ``OUT/manifest/*.parquet``: one row per input video: ok, failed or retry, with the reason.
 - ``OUT/classes.json``: the class names, index = 0-based label.
 - ``OUT/dataset.json``: how it was made (source, flow algorithm, short side, splits, counts).
+- ``OUT/_preprocess.lock``: while a preprocessing run works on ``OUT`` (host, pid, heartbeat).
 
 Everything is plain Parquet with JPEG bytes, readable by pyarrow, DuckDB or Spark without stm.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import posixpath
+import uuid
 import zlib
 from collections.abc import Mapping, Sequence
 
@@ -51,8 +54,12 @@ FLOW_U_CRC32 = "flow_u_crc32"
 FLOW_V_CRC32 = "flow_v_crc32"
 
 # --- manifest columns (one row per input video) ----------------------------------------------
-STATUS = "status"  # string: "ok" | "failed"
-ERROR = "error"  # string, the reason for a failed video, "" for ok ones
+# string: "ok" | "failed" | "retry". failed: the video itself could not be processed (it does
+# not decode, ...): a rerun skips it unless --retry-failed. retry: it failed for a reason not about
+# the video (its group's task was lost, a full disk, out of memory, a network error): it counts
+# as failed in that run's summary, and a plain rerun processes it again
+STATUS = "status"
+ERROR = "error"  # string, the reason for a failed (or retry) video, "" for ok ones
 SHARD = "shard"  # string, the shard file name (relative to OUT/shards) holding an ok video
 
 # --- flow quantisation (Feichtenhofer et al.; Simonyan & Zisserman) -------------------------
@@ -70,6 +77,7 @@ CHECKSUMS = {RGB: RGB_CRC32, FLOW_U: FLOW_U_CRC32, FLOW_V: FLOW_V_CRC32}  # JPEG
 
 STATUS_OK = "ok"
 STATUS_FAILED = "failed"
+STATUS_RETRY = "retry"
 
 
 # --- Arrow schemas ----------------------------------------------------------------------------
@@ -133,11 +141,103 @@ def write_table_atomic(fs: pafs.FileSystem, path: str, table: pa.Table) -> None:
     The JPEG columns (``JPEG_COLUMNS``) are stored uncompressed: zstd saves almost nothing on
     JPEG bytes and costs a decompression on every read; the other columns are zstd. (Readers
     take the codec from each file, so shards written with zstd everywhere read as before.)
+    ``ParquetStreamWriter`` writes the same file one video at a time.
     """
     sink = pa.BufferOutputStream()
-    compression = {name: "none" if name in JPEG_COLUMNS else "zstd" for name in table.schema.names}
-    pq.write_table(table, sink, row_group_size=1, compression=compression)
+    pq.write_table(table, sink, row_group_size=1, compression=_compression(table.schema))
     storage.write_bytes_atomic(fs, path, sink.getvalue().to_pybytes())
+
+
+def _compression(schema: pa.Schema) -> dict[str, str]:
+    return {name: "none" if name in JPEG_COLUMNS else "zstd" for name in schema.names}
+
+
+class ParquetStreamWriter:
+    """A Parquet file written one table at a time (each row its own row group, the compression
+    of ``write_table_atomic``) that appears at ``path`` only once complete (``commit``).
+
+    Local filesystems: the file is written under a temp name in ``path``'s folder
+    (``storage.TMP_PREFIX``) and renamed; a process killed before ``commit`` leaves only the
+    temp file (``stm.data.preprocess`` deletes such leftovers). Object stores: written straight
+    to ``path``; an object appears only when its upload completes, so a killed process leaves
+    nothing. ``via_temp=True`` writes through a temp name on object stores too (``commit``
+    then copies it over ``path``): for rewriting a file while reading it. The file is opened at
+    the first ``write``: without one, ``commit`` writes nothing. As a context manager: ``commit``
+    on success, ``abort`` on an exception.
+    """
+
+    def __init__(
+        self,
+        fs: pafs.FileSystem,
+        path: str,
+        schema: pa.Schema | None = None,
+        via_temp: bool | None = None,
+    ) -> None:
+        self.fs, self.path = fs, path
+        self.schema = SHARD_SCHEMA if schema is None else schema
+        self.via_temp = not storage.is_object_store(fs) if via_temp is None else via_temp
+        self._target: str | None = None  # the temp file (local) or the object being uploaded
+        self._sink = None
+        self._writer: pq.ParquetWriter | None = None
+        self.rows = 0
+
+    def write(self, table: pa.Table) -> None:
+        """Append ``table``'s rows, one row group each."""
+        if self._writer is None:
+            self.fs.create_dir(posixpath.dirname(self.path), recursive=True)
+            if not self.via_temp:
+                self._target = self.path
+            else:
+                head, name = posixpath.split(self.path)
+                self._target = posixpath.join(
+                    head, f"{storage.TMP_PREFIX}{uuid.uuid4().hex}-{name}.tmp"
+                )
+            self._sink = self.fs.open_output_stream(self._target)
+            self._writer = pq.ParquetWriter(
+                self._sink, self.schema, compression=_compression(self.schema)
+            )
+        self._writer.write_table(table, row_group_size=1)
+        self.rows += table.num_rows
+
+    def commit(self) -> bool:
+        """Finish the file and publish it at ``path``; False when nothing was written."""
+        if self._writer is None:
+            return False
+        try:
+            self._writer.close()
+            self._sink.close()
+            if self._target != self.path:
+                # rename(2), atomic on POSIX; object stores: a copy, which replaces the object
+                # in one step, then a delete
+                self.fs.move(self._target, self.path)
+        except BaseException:
+            self.abort()
+            raise
+        self._writer = self._sink = self._target = None
+        return True
+
+    def abort(self) -> None:
+        """Drop what was written (never raises)."""
+        if self._writer is None:
+            return
+        for close in (self._writer.close, self._sink.close):
+            with contextlib.suppress(Exception):  # the write failed already: clean up only
+                close()  # an S3 upload completes here: the object is deleted below
+        try:
+            if self.fs.get_file_info(self._target).type != pafs.FileType.NotFound:
+                self.fs.delete_file(self._target)
+        except Exception as e:  # noqa: BLE001 - a leftover temp file is deleted by the next run
+            logger.warning("could not delete %s: %s", self._target, e)
+        self._writer = self._sink = self._target = None
+
+    def __enter__(self) -> ParquetStreamWriter:
+        return self
+
+    def __exit__(self, kind, value, tb) -> None:
+        if kind is None:
+            self.commit()
+        else:
+            self.abort()
 
 
 def list_parquet(fs: pafs.FileSystem, directory: str) -> list[str]:
@@ -233,9 +333,15 @@ def checksums(jpegs: Sequence) -> list[int]:
 
 def check_jpeg(video_id: str, column: str, index: int, data, expected: int | None) -> None:
     """Raise ``CorruptVideo`` when JPEG ``column[index]`` disagrees with its checksum
-    (``expected``; None: the shard predates checksums, nothing to compare)."""
+    (``expected``; None: the shard predates checksums, nothing to compare) or does not start
+    with a JPEG's start-of-image marker (what a device decoder is given is checked here)."""
     if expected is not None and zlib.crc32(data) != int(expected):
         raise CorruptVideo(video_id, f"{column}[{index}] does not match its checksum")
+    if bytes(memoryview(data)[:2]) != JPEG_SOI:
+        raise CorruptVideo(video_id, f"{column}[{index}] is not a JPEG")
+
+
+JPEG_SOI = b"\xff\xd8"  # the first two bytes of every JPEG
 
 
 def row_problem(row: Mapping) -> str | None:

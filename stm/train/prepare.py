@@ -88,11 +88,13 @@ def _one_line(err: BaseException) -> str:
 
 def validate_data(cfg: TrainConfig) -> tuple[list[str], int, int]:
     """Class names and split sizes; one-line usage errors for data that cannot train."""
-    fs, root = resolve(cfg.data)
     try:
+        fs, root = resolve(cfg.data)
         shards = list_parquet(fs, f"{root.rstrip('/')}/shards")
-    except (FileNotFoundError, OSError):
+    except FileNotFoundError:
         shards = []
+    except (OSError, ValueError) as err:  # unreachable, forbidden, a malformed URI
+        raise UsageError(f"--data {cfg.data}: cannot be read: {_one_line(err)}") from None
     if not shards:
         raise UsageError(f"--data {cfg.data}: no shards (run jobs/preprocess.py --out {cfg.data})")
     repair = f"rerun jobs/preprocess.py --out {cfg.data} with its options"

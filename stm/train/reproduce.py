@@ -234,17 +234,13 @@ def _load_or_start(
     weight = recipe.late_fusion_weight
     if weight is None:
         weight = HMDB_MOTION_WEIGHT if source == "hmdb51" else 1.0
-    parent = tracking.start_run(
+    parent = tracking.start_parent_run(
         uri,
         base.experiment,
+        "recipe",
         name,
         {"recipe": to_dict(recipe), "base": to_dict(base)},
-        {
-            "kind": "recipe",
-            "recipe": name,
-            "dataset": dataset_key(base.data),
-            "storage": recipe_dir,
-        },
+        {"dataset": dataset_key(base.data), "storage": recipe_dir},
         description=f"stm: the paper's recipe on {base.data}, splits "
         f"{', '.join(map(str, splits))} (appearance, motion, fused; final test of each)",
     )

@@ -187,12 +187,13 @@ def start_sweep(base: TrainConfig, sweep: SweepConfig, storage: str, uri: str) -
     runs = join(sweep_dir, RUNS_DIR)
     configs = trial_configs(dataclasses.replace(base, storage_path=runs, mlflow_uri=uri), grid)
     sweep = dataclasses.replace(sweep, name=name)
-    parent = tracking.start_run(
+    parent = tracking.start_parent_run(
         uri,
         base.experiment,
+        "sweep",
         name,
         {"sweep": to_dict(sweep), "base": to_dict(base)},
-        {"kind": "sweep", "sweep": name, "grid": grid.name, "storage": sweep_dir},
+        {"grid": grid.name, "storage": sweep_dir},
     )
     state = SweepState(
         name=name,

@@ -16,6 +16,8 @@ from typing import Any
 
 import numpy as np
 
+from stm.locks import pid_alive
+
 log = logging.getLogger(__name__)
 
 RUN_ID_FILE = "mlflow_run_id"
@@ -159,6 +161,22 @@ def start_run(
     return run.info.run_id
 
 
+def start_parent_run(
+    uri: str,
+    experiment: str,
+    kind: str,
+    name: str,
+    params: Mapping[str, Any],
+    tags: Mapping[str, str],
+    description: str = "",
+) -> str:
+    """The parent run of a sweep or a recipe (``kind``): named ``name``, tagged
+    ``kind=KIND`` and ``KIND=NAME`` (how the UI and ``search_runs`` find it); its trials or
+    stages are its children (``start_run(..., parent_run_id=...)``)."""
+    all_tags = {"kind": kind, kind: name, **tags}
+    return start_run(uri, experiment, name, params, all_tags, description=description)
+
+
 def log_metrics(uri: str, run_id: str, metrics: Mapping[str, float], step: int) -> None:
     from mlflow.entities import Metric
 
@@ -289,7 +307,7 @@ def close_orphans(uri: str, experiment: str) -> list[str]:
     for run in client.search_runs([exp.experiment_id], "attributes.status = 'RUNNING'"):
         tags = run.data.tags
         pid = tags.get(DRIVER_PID, "")
-        if tags.get(DRIVER_HOST) != host or not pid.isdigit() or _alive(int(pid)):
+        if tags.get(DRIVER_HOST) != host or not pid.isdigit() or pid_alive(int(pid)):
             continue
         client.set_tag(run.info.run_id, "error", f"its driver (pid {pid} on {host}) was killed")
         client.set_terminated(run.info.run_id, status="KILLED")
@@ -297,16 +315,6 @@ def close_orphans(uri: str, experiment: str) -> list[str]:
     if closed:
         log.warning("marked %d run(s) whose driver was killed KILLED: %s", len(closed), closed)
     return closed
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # another user's process
-        return True
-    return True
 
 
 def fail_run(uri: str, run_id: str, err: BaseException) -> None:
