@@ -926,3 +926,20 @@ def test_gpus_the_cluster_cannot_give_are_one_line_not_a_wait(two_nodes, preproc
     lines = [ln for ln in logs.stdout.splitlines() if ln.startswith("train.py: error")]
     assert len(lines) == 1, logs.stdout[-3000:]
     assert "need 2 GPUs; this cluster of 2 nodes has 0 and no autoscaler to add more" in lines[0]
+
+
+def test_only_the_ray_pods_may_reach_mlflow():
+    policy = _kind(KUBERAY / "mlflow.yaml", "NetworkPolicy")["spec"]
+    server = _kind(KUBERAY / "mlflow.yaml", "Deployment")["spec"]["template"]["metadata"]
+    assert policy["podSelector"]["matchLabels"].items() <= server["labels"].items()
+    assert policy["policyTypes"] == ["Ingress"]
+    (rule,) = policy["ingress"]
+    (peer,) = rule["from"]
+    assert set(peer) == {"podSelector"}  # pods of this namespace only, no ipBlock
+    allowed = peer["podSelector"]["matchLabels"]
+    assert rule["ports"] == [{"protocol": "TCP", "port": 5000}]
+    for name, spec in _cluster_specs().items():  # every Ray pod carries the allowed label
+        groups = [spec["headGroupSpec"], *spec.get("workerGroupSpecs", [])]
+        for group in groups:
+            labels = group["template"]["metadata"]["labels"]
+            assert allowed.items() <= labels.items(), name
