@@ -349,20 +349,22 @@ class FrameCache:
         return img
 
     def jpeg(self, column: str, index: int) -> Any:
-        """The stored bytes of JPEG ``column[index]``, checked against its checksum."""
+        """The stored bytes of JPEG ``column[index]``, checked against its checksum. ``column``
+        is a list of JPEGs, or for a sparse row (``stm.data.preprocess.process_video_sparse``)
+        a dict index -> JPEG."""
         index = int(index)
         jpegs = self._row[column]
-        if not 0 <= index < len(jpegs):
-            raise CorruptVideo(self._video_id, f"{column} has no JPEG {index} ({len(jpegs)})")
+        try:
+            data = jpegs[index]
+        except (IndexError, KeyError):
+            raise CorruptVideo(self._video_id, f"{column} has no JPEG {index}") from None
         sums = self._row.get(CHECKSUMS[column])
         expected = None
         if sums is not None:
             if len(sums) != len(jpegs):
-                raise CorruptVideo(
-                    self._video_id, f"{column}: {len(sums)} checksums, {len(jpegs)} JPEGs"
-                )
+                problem = f"{column}: {len(sums)} checksums, {len(jpegs)} JPEGs"
+                raise CorruptVideo(self._video_id, problem)
             expected = sums[index]
-        data = jpegs[index]
         check_jpeg(self._video_id, column, index, data, expected)
         return data
 
