@@ -385,7 +385,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             metrics[BAD_VIDEOS] = float(bad_train + max(0, bad_test))
         metrics.setdefault(BAD_VIDEOS, float(bad_train))
         # every worker sees the same sums: all of them stop at the same epoch
-        stop = stop_reason(cfg, epoch, metrics, bad, room if sums[5] else None, config, rank)
+        # (only rank 0 measured the room; the others pass 0 and stop with it)
+        stop = stop_reason(cfg, epoch, metrics, bad, (room or 0) if sums[5] else None, config, rank)
         metrics[SCORE] = score  # the latest evaluation's (checkpoints are ranked by it)
         metrics = {k: float(v) for k, v in metrics.items()}  # plain floats: weights_only loads
 
